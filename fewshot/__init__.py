@@ -1,0 +1,46 @@
+"""fewshot: gradient-based meta-learning (MAML and its solvers) as scikit-learn estimators.
+
+>>> import fewshot
+>>> sampler = fewshot.tasks.SinusoidTasks(k_shot=10, n_query=10)
+>>> learner = fewshot.IMAML(lam=1.0, inner_steps=10, meta_steps=3, random_state=0).meta_fit(sampler)
+>>> task = sampler.sample(random_state=1)
+>>> learner.adapt(task.support).predict(task.query.x).shape
+torch.Size([10, 1])
+"""
+
+from . import exceptions, linalg, models, tasks
+from ._base import AdaptedModel, Evaluation, MetaLearner
+from ._finetune import FineTune
+from ._solvers import FOMAML, IMAML, MAML, NeumannMAML, PenaltyMAML, Reptile
+
+__version__ = "0.1.0"
+
+#: Every estimator, by name.
+SOLVERS = {cls.__name__: cls for cls in (MAML, FOMAML, Reptile, IMAML, NeumannMAML, PenaltyMAML, FineTune)}
+
+__all__ = [
+    "MAML",
+    "FOMAML",
+    "Reptile",
+    "IMAML",
+    "NeumannMAML",
+    "PenaltyMAML",
+    "FineTune",
+    "MetaLearner",
+    "AdaptedModel",
+    "Evaluation",
+    "SOLVERS",
+    "exceptions",
+    "linalg",
+    "models",
+    "tasks",
+]
+
+
+def __getattr__(name):
+    # Optional parts are imported on first use, so `import fewshot` stays light.
+    if name in ("datasets", "diagnostics", "model_selection"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fewshot' has no attribute {name!r}")

@@ -1,0 +1,188 @@
+"""Meta-gradient rules: how one task's contribution to the meta-update is computed.
+
+Each rule is ``rule(task_loss, theta, task) -> (g, stats)`` with ``g`` a dict shaped like
+``theta`` and ``stats`` a dict of 0-dim tensors (losses and metrics before and after adaptation,
+plus rule-specific diagnostics). *How the inner problem is solved* (:func:`inner_loop`) and *how the
+linear system is solved* (:mod:`fewshot.linalg`) are arguments, not special cases.
+
+Notation (the seeds'): support loss ``Ls``, query loss ``Lq``, step size ``alpha``, ``k`` inner steps
+``phi_{j+1} = phi_j - alpha grad Ls(phi_j)`` from ``phi_0 = theta``, Hessian ``H = grad^2 Ls``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.func import grad
+
+from ._functional import TaskLoss, inner_loop, make_hvp
+from ._tree import Params, tree_norm
+from .linalg import SolveResult
+
+__all__ = ["Unrolled", "FirstOrder", "ReptileRule", "Implicit", "query_objective",
+           "penalty_objective"]
+
+
+def query_objective(task_loss: TaskLoss, task):
+    """``phi -> Lq(phi)`` with aux ``(Lq, metric)``."""
+    xq, yq = task.query
+    return lambda phi: task_loss.with_aux(phi, xq, yq)
+
+
+def penalty_objective(task_loss: TaskLoss, task, penalty: float):
+    """``phi -> Lq(phi) + penalty * ||grad Ls(phi)||^2`` with aux ``(Lq, metric)``."""
+    xs, ys = task.support
+    xq, yq = task.query
+    support_grad = grad(task_loss)
+
+    def objective(phi):
+        value, aux = task_loss.with_aux(phi, xq, yq)
+        gs = support_grad(phi, xs, ys)
+        return value + penalty * sum(torch.sum(g * g) for g in gs.values()), aux
+
+    return objective
+
+
+def task_stats(task_loss: TaskLoss, theta: Params, phi: Params, task, support_pre, query_post,
+               **extra) -> dict:
+    """Losses (and accuracies for classification) on support and query, before and after
+    adaptation. ``support_pre``/``query_post`` come for free from the rules' own passes."""
+    xs, ys = task.support
+    xq, yq = task.query
+    if support_pre is None:
+        support_pre = task_loss.evaluate(theta, xs, ys)
+    query_pre = task_loss.evaluate(theta, xq, yq)
+    support_post = task_loss.evaluate(phi, xs, ys)
+    stats = {}
+    for name, (loss, metric) in (("support_pre", support_pre), ("query_pre", query_pre),
+                                 ("support_post", support_post), ("query_post", query_post)):
+        where, when = name.split("_")
+        stats[f"{where}_loss_{when}"] = loss
+        if task_loss.metric is not None:
+            stats[f"{where}_acc_{when}"] = metric
+    stats.update(extra)
+    return stats
+
+
+@dataclass
+class Unrolled:
+    """Exact gradient of ``objective(phi_k(theta))`` through all ``k`` inner steps (second order).
+
+    ``memory_efficient=False`` differentiates the unrolled graph (memory grows with ``k``).
+    ``memory_efficient=True`` runs the inner loop without a graph, keeps the iterates
+    ``phi_0..phi_{k-1}`` and applies the chain rule backwards,
+    ``v <- v - alpha * H(phi_j) v`` for ``j = k-1, ..., 0`` starting from ``v = grad objective(phi_k)``
+    (since ``d phi_{j+1} / d phi_j = I - alpha H(phi_j)`` is symmetric). It gives the same gradient
+    with activation memory independent of ``k``, for about one extra forward/backward per step.
+
+    With ``lam`` set, the inner loop is iMAML's proximal one and the derivative is taken through
+    both the initialisation and the proximal centre: the explicit counterpart of :class:`Implicit`.
+    """
+
+    lr: float
+    steps: int
+    objective: Callable  # (task_loss, task) -> phi -> (value, aux)
+    memory_efficient: bool = False
+    hvp_mode: str = "fwdrev"
+    lam: float | None = None  # differentiate through iMAML's proximal inner loop instead
+
+    def __call__(self, task_loss: TaskLoss, theta: Params, task):
+        xs, ys = task.support
+        objective = self.objective(task_loss, task)
+        if self.lam is not None and self.memory_efficient:
+            raise ValueError("memory_efficient unrolling supports the plain inner loop only (lam=None)")
+        if not self.memory_efficient:
+            def outer(th):
+                phi, support_pre, _ = inner_loop(task_loss, th, xs, ys, lr=self.lr, steps=self.steps,
+                                                 lam=self.lam)
+                value, query_post = objective(phi)
+                return value, (support_pre, query_post, phi)
+
+            g, (support_pre, query_post, phi) = grad(outer, has_aux=True)(theta)
+        else:
+            phi, support_pre, path = inner_loop(task_loss, theta, xs, ys, lr=self.lr,
+                                                steps=self.steps, keep_path=True)
+            g, query_post = grad(objective, has_aux=True)(phi)
+            for point in reversed(path):
+                hv = make_hvp(task_loss, point, xs, ys, self.hvp_mode)(g)
+                g = {k: g[k] - self.lr * hv[k] for k in g}
+        return g, task_stats(task_loss, theta, phi, task, support_pre, query_post)
+
+
+@dataclass
+class FirstOrder:
+    """``grad Lq(phi_k)`` with ``phi_k`` treated as a constant (no second-order terms)."""
+
+    lr: float
+    steps: int
+
+    def __call__(self, task_loss: TaskLoss, theta: Params, task):
+        xs, ys = task.support
+        phi, support_pre, _ = inner_loop(task_loss, theta, xs, ys, lr=self.lr, steps=self.steps)
+        g, query_post = grad(query_objective(task_loss, task), has_aux=True)(phi)
+        return g, task_stats(task_loss, theta, phi, task, support_pre, query_post)
+
+
+@dataclass
+class ReptileRule:
+    """The pseudo-gradient ``theta - phi_k`` (the query set is only used for reporting)."""
+
+    lr: float
+    steps: int
+
+    def __call__(self, task_loss: TaskLoss, theta: Params, task):
+        xs, ys = task.support
+        xq, yq = task.query
+        phi, support_pre, _ = inner_loop(task_loss, theta, xs, ys, lr=self.lr, steps=self.steps)
+        g = {k: theta[k] - phi[k] for k in theta}
+        query_post = task_loss.evaluate(phi, xq, yq)
+        return g, task_stats(task_loss, theta, phi, task, support_pre, query_post)
+
+
+@dataclass
+class Implicit:
+    """Implicit meta-gradient of the proximal inner problem.
+
+    ``phi*`` is approximated by ``steps`` gradient steps on ``Ls(phi) + lam/2 ||phi - theta||^2``;
+    the meta-gradient is ``x = (I + H/lam)^{-1} grad Lq(phi*)`` with ``H = grad^2 Ls(phi*)``, found by
+    ``solve(matvec, b, maxiter=solve_iters, tol=solve_tol, **solve_kwargs)`` using Hessian-vector
+    products at ``phi*`` only, so memory does not depend on ``steps``.
+    """
+
+    lr: float
+    steps: int
+    lam: float
+    solve: Callable
+    solve_iters: int
+    solve_tol: float | None
+    solve_kwargs: dict
+    warm_start: bool = True  # start CG from grad Lq (the first-order answer) instead of zero
+    hvp_mode: str = "fwdrev"
+
+    def __call__(self, task_loss: TaskLoss, theta: Params, task):
+        xs, ys = task.support
+        phi, support_pre, _ = inner_loop(task_loss, theta, xs, ys, lr=self.lr, steps=self.steps,
+                                         lam=self.lam)
+        gq, query_post = grad(query_objective(task_loss, task), has_aux=True)(phi)
+        hvp = make_hvp(task_loss, phi, xs, ys, self.hvp_mode)
+        lam = self.lam
+
+        def matvec(v):
+            hv = hvp(v)
+            return {k: v[k] + hv[k] / lam for k in v}
+
+        kwargs = dict(self.solve_kwargs)
+        if self.warm_start and self.solve.__name__ == "cg":
+            kwargs["init"] = gq
+        result: SolveResult = self.solve(matvec, gq, maxiter=self.solve_iters, tol=self.solve_tol,
+                                         **kwargs)
+        rel = result.residual / torch.clamp(tree_norm(gq), min=torch.finfo(result.residual.dtype).tiny)
+        extra = {
+            "solve_iters": torch.tensor(float(result.n_iter), dtype=rel.dtype, device=rel.device),
+            "solve_residual": rel,
+            "negative_curvature": torch.tensor(float(result.negative_curvature), dtype=rel.dtype,
+                                               device=rel.device),
+        }
+        return result.x, task_stats(task_loss, theta, phi, task, support_pre, query_post, **extra)

@@ -1,0 +1,158 @@
+"""Linear solvers for the implicit meta-gradient, all with one signature.
+
+``solve(matvec, b, *, maxiter, tol, init) -> SolveResult`` where ``matvec(v)`` applies a linear
+operator ``M`` to ``v`` (a tensor or a dict of tensors) and ``SolveResult`` holds the approximate
+solution of ``M x = b`` with the number of iterations and the final residual norm
+``||b - M x||``. Damping is applied by wrapping ``matvec`` (see :func:`damped`), never inside a
+solver, so the solvers are interchangeable values.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._tree import Vector, tree_axpy, tree_dot, tree_map, tree_norm, tree_zeros_like
+
+__all__ = ["SolveResult", "cg", "neumann", "dense", "damped", "SOLVERS"]
+
+
+class SolveResult(NamedTuple):
+    """Approximate solution of ``M x = b``.
+
+    Attributes
+    ----------
+    x : tensor or dict of tensors
+    n_iter : int
+        Matrix-vector products spent on iterations (CG: iterations run; Neumann: series terms
+        beyond the first).
+    residual : Tensor
+        ``||b - M x||`` (0-dim tensor; no host synchronisation needed to build it).
+    negative_curvature : bool
+        CG met a direction ``p`` with ``p^T M p <= 0`` and stopped before it (``M`` is not
+        positive definite there); always ``False`` for the other solvers.
+    """
+
+    x: Vector
+    n_iter: int
+    residual: Tensor
+    negative_curvature: bool = False
+
+
+def damped(matvec: Callable, damping: float) -> Callable:
+    """The operator ``v -> M v + damping * v``."""
+    if damping == 0:
+        return matvec
+    return lambda v: tree_axpy(damping, v, matvec(v))
+
+
+def cg(matvec: Callable, b: Vector, *, maxiter: int = 10, tol: float | None = 1e-10,
+       init: Vector | None = None) -> SolveResult:
+    """Conjugate gradient for symmetric positive definite ``M``.
+
+    Stops after ``maxiter`` iterations or when ``||r|| <= tol * ||b||``. With ``tol=None`` it runs
+    exactly ``maxiter`` iterations with no data-dependent Python branching (usable under
+    ``torch.func.vmap``; a direction with non-positive curvature then contributes a zero step).
+
+    A direction ``p`` with ``p^T M p <= 0`` means ``M`` is not positive definite along ``p``: CG stops
+    and returns the current iterate with ``negative_curvature=True`` (with ``tol=None`` the step is
+    zeroed instead). Starting from ``init`` (default zero) the result is never further from the
+    start than the last iterate with positive curvature.
+    """
+    x = tree_zeros_like(b) if init is None else init
+    r = b if init is None else tree_axpy(-1.0, matvec(x), b)
+    p = r
+    rs = tree_dot(r, r)
+    b_norm = tree_norm(b)
+    n_iter, negative = 0, False
+    for _ in range(maxiter):
+        if tol is not None and bool(torch.sqrt(rs) <= tol * b_norm):
+            break
+        mp = matvec(p)
+        curvature = tree_dot(p, mp)
+        if tol is not None:
+            if bool(curvature <= 0):
+                negative = True
+                break
+            alpha = rs / curvature
+        else:
+            positive = curvature > 0
+            alpha = torch.where(positive, rs / torch.where(positive, curvature, 1.0), 0.0)
+        x = tree_axpy(alpha, p, x)
+        r = tree_axpy(-alpha, mp, r)
+        rs_new = tree_dot(r, r)
+        beta = rs_new / torch.where(rs > 0, rs, 1.0)
+        p = tree_axpy(beta, p, r)
+        rs = rs_new
+        n_iter += 1
+    return SolveResult(x, n_iter, torch.sqrt(rs), negative)
+
+
+def neumann(matvec: Callable, b: Vector, *, maxiter: int = 4, tol: float | None = None,
+            init: Vector | None = None, lr: float = 1.0, compute_residual: bool = True) -> SolveResult:
+    """Truncated Neumann series (Richardson iteration) for ``M x = b``.
+
+    Returns ``x_K = lr * sum_{j=0}^{K-1} (I - lr M)^j b`` with ``K = maxiter`` terms, computed with
+    ``K - 1`` matrix-vector products (one more gives the residual, since
+    ``b - M x_K = (I - lr M)^K b``). The series converges to ``M^{-1} b`` as ``K -> inf`` if and only
+    if every eigenvalue ``mu`` of ``M`` satisfies ``0 < lr * mu < 2`` (spectral radius of
+    ``I - lr M`` below one); for symmetric positive definite ``M`` any
+    ``0 < lr < 2 / lambda_max(M)`` guarantees it. With ``M = I + H / lam`` and ``lr = 1`` the series is
+    ``sum_j (-H / lam)^j b``, which converges when every eigenvalue of ``H`` lies in ``(-lam, lam)``.
+
+    ``tol`` stops early when the residual falls below ``tol * ||b||`` (needs ``compute_residual``);
+    ``init`` is accepted for interface compatibility and must be ``None``.
+    """
+    if init is not None:
+        raise ValueError("neumann() sums a series from zero; init must be None")
+    if maxiter < 1:
+        raise ValueError(f"neumann() needs maxiter >= 1 terms, got {maxiter}")
+    term = tree_map(lambda bi: lr * bi, b)
+    x = term
+    b_norm = tree_norm(b)
+    residual = torch.full((), float("nan"), dtype=b_norm.dtype, device=b_norm.device)
+    n_iter = 0
+    for k in range(1, maxiter + (1 if compute_residual else 0)):
+        term = tree_axpy(-lr, matvec(term), term)  # (I - lr M) term
+        if compute_residual:
+            residual = tree_norm(term) / lr
+            if k == maxiter or (tol is not None and bool(residual <= tol * b_norm)):
+                break
+        x = tree_axpy(1.0, term, x)
+        n_iter = k
+    return SolveResult(x, n_iter, residual, False)
+
+
+def dense(matvec: Callable, b: Vector, *, maxiter: int | None = None, tol: float | None = None,
+          init: Vector | None = None) -> SolveResult:
+    """Exact solve by materialising ``M`` column by column (``n`` matvecs): for small problems and
+    as the reference in tests. ``maxiter``, ``tol`` and ``init`` are ignored."""
+    if isinstance(b, Tensor):
+        shapes, flat_b = None, b.reshape(-1)
+    else:
+        shapes = {k: v.shape for k, v in b.items()}
+        flat_b = torch.cat([v.reshape(-1) for v in b.values()])
+
+    def unflatten(v):
+        if shapes is None:
+            return v.reshape(b.shape)
+        out, i = {}, 0
+        for k, s in shapes.items():
+            n = s.numel()
+            out[k] = v[i:i + n].reshape(s)
+            i += n
+        return out
+
+    def flatten(v):
+        return v.reshape(-1) if shapes is None else torch.cat([v[k].reshape(-1) for k in shapes])
+
+    n = flat_b.numel()
+    eye = torch.eye(n, dtype=flat_b.dtype, device=flat_b.device)
+    m = torch.stack([flatten(matvec(unflatten(eye[i]))) for i in range(n)], dim=1)
+    x = torch.linalg.solve(m, flat_b)
+    return SolveResult(unflatten(x), n, torch.linalg.vector_norm(flat_b - m @ x), False)
+
+
+SOLVERS = {"cg": cg, "neumann": neumann, "dense": dense}

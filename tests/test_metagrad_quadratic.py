@@ -1,0 +1,189 @@
+"""Every meta-gradient rule against its closed form on random quadratics (float64).
+
+Support loss Ls(phi) = 1/2 (phi - a)^T A (phi - a), query loss Lq(phi) = 1/2 (phi - b)^T B (phi - b),
+A and B symmetric positive definite with bounded condition number, dimension 1 to 8.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fewshot import linalg
+from fewshot._functional import inner_loop
+from fewshot._metagrad import FirstOrder, Implicit, ReptileRule, Unrolled, penalty_objective, query_objective
+from fewshot.tasks import LabeledSet, Task
+
+torch.set_default_dtype(torch.float64)
+
+
+class QuadraticLoss:
+    """A stand-in for TaskLoss: ``x`` is the matrix, ``y`` the centre; params {"phi": vector}."""
+
+    metric = None
+
+    def __call__(self, params, x, y):
+        d = params["phi"] - y
+        return 0.5 * d @ x @ d
+
+    def with_aux(self, params, x, y):
+        value = self(params, x, y)
+        return value, (value.detach(), value.detach())
+
+    def evaluate(self, params, x, y):
+        with torch.no_grad():
+            return self.with_aux(params, x, y)[1]
+
+
+def spd(rng, n, cond):
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eig = np.exp(rng.uniform(0, np.log(cond), n))
+    eig = eig / eig.max()  # largest eigenvalue 1 so step sizes below 1 are stable
+    return torch.tensor(q @ np.diag(eig) @ q.T)
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 8))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    A, B = spd(rng, n, draw(st.floats(1.0, 20.0))), spd(rng, n, draw(st.floats(1.0, 20.0)))
+    a, b, theta = (torch.tensor(rng.standard_normal(n)) for _ in range(3))
+    task = Task(LabeledSet(A, a), LabeledSet(B, b))
+    return dict(n=n, A=A, B=B, a=a, b=b, theta={"phi": theta}, task=task, I=torch.eye(n))
+
+
+lrs = st.floats(0.05, 0.9)
+steps = st.integers(1, 6)
+lams = st.floats(0.1, 10.0)
+close = functools.partial(torch.testing.assert_close, rtol=1e-9, atol=1e-10)
+
+
+def gd_iterate(p, lr, k, lam=None):
+    """phi_k of (proximal) gradient descent on Ls, in closed form by iteration of the affine map."""
+    A, a, th = p["A"], p["a"], p["theta"]["phi"]
+    phi = th.clone()
+    for _ in range(k):
+        g = A @ (phi - a) + (0 if lam is None else lam * (phi - th))
+        phi = phi - lr * g
+    return phi
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), lrs, steps)
+def test_maml_equals_closed_form(p, lr, k):
+    phi_k = p["a"] + torch.linalg.matrix_power(p["I"] - lr * p["A"], k) @ (p["theta"]["phi"] - p["a"])
+    expected = torch.linalg.matrix_power(p["I"] - lr * p["A"], k) @ p["B"] @ (phi_k - p["b"])
+    for memory_efficient in (False, True):
+        g, _ = Unrolled(lr, k, query_objective, memory_efficient=memory_efficient)(QuadraticLoss(), p["theta"], p["task"])
+        close(g["phi"], expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), lrs, steps)
+def test_fomaml_and_reptile_closed_form(p, lr, k):
+    phi_k = gd_iterate(p, lr, k)
+    g, _ = FirstOrder(lr, k)(QuadraticLoss(), p["theta"], p["task"])
+    close(g["phi"], p["B"] @ (phi_k - p["b"]))
+    g, _ = ReptileRule(lr, k)(QuadraticLoss(), p["theta"], p["task"])
+    close(g["phi"], p["theta"]["phi"] - phi_k)
+
+
+def implicit(lr, k, lam, solve, iters, tol=None, eta=None):
+    return Implicit(lr, k, lam, solve, iters, tol, {} if eta is None else {"lr": eta})
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), lams)
+def test_imaml_cg_equals_closed_form_at_exact_minimiser(p, lam):
+    A, B, a, b, I, th = p["A"], p["B"], p["a"], p["b"], p["I"], p["theta"]["phi"]
+    phi_star = torch.linalg.solve(A + lam * I, A @ a + lam * th)
+    expected = lam * torch.linalg.solve(A + lam * I, B @ (phi_star - b))
+    # Proximal GD contracts with factor max|1 - lr (mu + lam)| < 1; enough steps reach phi* to 1e-13.
+    lr = 1.0 / (1.0 + lam)
+    k = int(np.ceil(np.log(1e-15) / np.log(1 - lr * lam))) + 1
+    g, stats = implicit(lr, k, lam, linalg.cg, p["n"] + 2, 1e-14)(QuadraticLoss(), p["theta"], p["task"])
+    torch.testing.assert_close(g["phi"], expected, rtol=1e-8, atol=1e-9)
+    assert stats["solve_residual"] < 1e-10
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), lams, lrs, steps)
+def test_imaml_cg_solves_the_system_at_its_own_iterate(p, lam, lr, k):
+    """With few inner steps CG still returns (I + A/lam)^{-1} grad Lq(phi_k) exactly."""
+    phi_k = gd_iterate(p, lr, k, lam)
+    M = p["I"] + p["A"] / lam
+    expected = torch.linalg.solve(M, p["B"] @ (phi_k - p["b"]))
+    g, _ = implicit(lr, k, lam, linalg.cg, p["n"] + 2, 1e-14)(QuadraticLoss(), p["theta"], p["task"])
+    close(g["phi"], expected)
+    g, _ = implicit(lr, k, lam, linalg.dense, 0)(QuadraticLoss(), p["theta"], p["task"])
+    close(g["phi"], expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), lams, lrs, steps, st.integers(1, 8), st.floats(0.1, 1.0))
+def test_neumann_equals_truncated_series(p, lam, lr, k, terms, eta):
+    phi_k = gd_iterate(p, lr, k, lam)
+    M = p["I"] + p["A"] / lam
+    rhs = p["B"] @ (phi_k - p["b"])
+    series = sum(torch.linalg.matrix_power(p["I"] - eta * M, j) for j in range(terms))
+    expected = eta * series @ rhs
+    g, stats = implicit(lr, k, lam, linalg.neumann, terms, eta=eta)(QuadraticLoss(), p["theta"], p["task"])
+    close(g["phi"], expected)
+    residual = torch.linalg.vector_norm(rhs - M @ expected) / torch.linalg.vector_norm(rhs)
+    torch.testing.assert_close(stats["solve_residual"], residual, rtol=1e-7, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(problems(), st.floats(0.5, 10.0))
+def test_neumann_approaches_imaml_as_terms_grow(p, lam):
+    # eta = lam / (lam + 1) makes I - eta M have spectral radius < 1 when eigenvalues of A lie in (0, 1].
+    eta = lam / (lam + 1.0)
+    lr, k = 0.5, 3
+    exact, _ = implicit(lr, k, lam, linalg.dense, 0)(QuadraticLoss(), p["theta"], p["task"])
+    errors = []
+    for terms in (1, 4, 16, 64, 400):
+        g, _ = implicit(lr, k, lam, linalg.neumann, terms, eta=eta)(QuadraticLoss(), p["theta"], p["task"])
+        errors.append(float(torch.linalg.vector_norm(g["phi"] - exact["phi"])))
+    assert all(e2 <= e1 + 1e-12 for e1, e2 in zip(errors, errors[1:]))
+    assert errors[-1] <= 1e-8 * max(1.0, float(torch.linalg.vector_norm(exact["phi"])))
+
+
+@settings(max_examples=25, deadline=None)
+@given(problems(), st.floats(0.5, 5.0))
+def test_explicit_maml_on_proximal_loop_approaches_implicit_gradient(p, lam):
+    """Unrolling many proximal steps differentiates through theta's two roles (start and centre);
+    as the loop converges the start is forgotten and the total derivative tends to iMAML's."""
+    lr = 1.0 / (1.0 + lam)
+    exact, _ = implicit(lr, 400, lam, linalg.dense, 0)(QuadraticLoss(), p["theta"], p["task"])
+    gaps = []
+    for k in (5, 50, 400):
+        g, _ = Unrolled(lr, k, query_objective, lam=lam)(QuadraticLoss(), p["theta"], p["task"])
+        gaps.append(float(torch.linalg.vector_norm(g["phi"] - exact["phi"])))
+    assert gaps[-1] <= 1e-8 * max(1.0, float(torch.linalg.vector_norm(exact["phi"])))
+    assert gaps[-1] <= gaps[0] + 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), lrs, steps, st.floats(0.0, 3.0))
+def test_penalty_closed_form(p, lr, k, penalty):
+    A, B, a, b, I = p["A"], p["B"], p["a"], p["b"], p["I"]
+    phi_k = gd_iterate(p, lr, k)
+    jac = torch.linalg.matrix_power(I - lr * A, k)  # d phi_k / d theta (symmetric)
+    # d/dphi [Lq + penalty ||A (phi - a)||^2] = B (phi - b) + 2 penalty A A (phi - a)
+    expected = jac @ (B @ (phi_k - b) + 2 * penalty * A @ A @ (phi_k - a))
+    objective = functools.partial(penalty_objective, penalty=penalty)
+    for memory_efficient in (False, True):
+        g, _ = Unrolled(lr, k, objective, memory_efficient=memory_efficient)(QuadraticLoss(), p["theta"], p["task"])
+        close(g["phi"], expected)
+
+
+def test_inner_loop_reports_support_loss_at_theta():
+    rng = np.random.default_rng(0)
+    A, a, th = spd(rng, 3, 4.0), torch.zeros(3), torch.ones(3)
+    _, (loss0, _), path = inner_loop(QuadraticLoss(), {"phi": th}, A, a, lr=0.1, steps=2, keep_path=True)
+    close(loss0, 0.5 * th @ A @ th)
+    assert len(path) == 2 and path[0]["phi"] is th

@@ -1,0 +1,151 @@
+"""Meta-gradients on small networks, float64: against finite differences and against a plain
+per-task autograd implementation, for a network with BatchNorm (batch statistics)."""
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from fewshot import linalg
+from fewshot._functional import LOSSES, FunctionalModel, TaskLoss, make_hvp
+from fewshot._metagrad import FirstOrder, Implicit, Unrolled, penalty_objective, query_objective
+from fewshot._tree import tree_norm
+from fewshot.models import Conv4, init_parameters
+from fewshot.tasks import GaussianClusterTasks, SinusoidTasks
+
+DT = torch.float64
+
+
+def rel_err(a, b):
+    return float(tree_norm({k: a[k] - b[k] for k in a}) / tree_norm(b))
+
+
+def smooth_mlp():
+    # tanh keeps the loss smooth, so central differences are accurate
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).to(DT)
+
+
+def sinusoid_task():
+    return SinusoidTasks(k_shot=6, n_query=7).sample(random_state=3).to(dtype=DT)
+
+
+def finite_difference(fn, theta, eps=1e-6):
+    out = {}
+    for k, v in theta.items():
+        g = torch.zeros_like(v)
+        for i in range(v.numel()):
+            plus = {n: t.clone() for n, t in theta.items()}
+            minus = {n: t.clone() for n, t in theta.items()}
+            plus[k].view(-1)[i] += eps
+            minus[k].view(-1)[i] -= eps
+            g.view(-1)[i] = (fn(plus) - fn(minus)) / (2 * eps)
+        out[k] = g
+    return out
+
+
+def unrolled_value(task_loss, task, lr, steps, penalty=0.0):
+    """The meta-objective as a plain function of theta (forward only), for finite differences."""
+    (xs, ys), (xq, yq) = task.support, task.query
+
+    def value(theta):
+        phi = dict(theta)
+        for _ in range(steps):
+            with torch.enable_grad():
+                leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+                g = torch.autograd.grad(task_loss(leaves, xs, ys), list(leaves.values()))
+            phi = {k: phi[k] - lr * gi for k, gi in zip(phi, g)}
+        out = task_loss(phi, xq, yq)
+        if penalty:
+            with torch.enable_grad():
+                leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+                g = torch.autograd.grad(task_loss(leaves, xs, ys), list(leaves.values()))
+            out = out + penalty * sum((gi ** 2).sum() for gi in g)
+        return float(out)
+
+    return value
+
+
+@pytest.mark.parametrize("penalty", [0.0, 0.3])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_maml_and_penalty_match_finite_differences(penalty, memory_efficient):
+    fm = FunctionalModel(smooth_mlp())
+    tl = TaskLoss(fm, *LOSSES["mse"][:2])
+    theta, task, lr, steps = fm.init_params(), sinusoid_task(), 0.05, 3
+    objective = functools.partial(penalty_objective, penalty=penalty) if penalty else query_objective
+    g, _ = Unrolled(lr, steps, objective, memory_efficient=memory_efficient)(tl, theta, task)
+    fd = finite_difference(unrolled_value(tl, task, lr, steps, penalty), theta)
+    assert rel_err(g, fd) < 1e-6
+
+
+def conv_task_loss():
+    """A small Conv4 (8 filters) with batch-statistics BatchNorm, in float64."""
+    sampler = GaussianClusterTasks(n_way=3, k_shot=2, n_query=2, n_features=1 * 16 * 16)
+    small = init_parameters(Conv4(in_channels=1, n_outputs=3, hidden=8, image_size=16),
+                            torch.Generator().manual_seed(1)).to(DT)
+    fm = FunctionalModel(small)
+    batch = sampler.sample(2, random_state=0).to(dtype=DT)
+    tasks = [type(t)(type(t.support)(t.support.x.reshape(-1, 1, 16, 16), t.support.y),
+                     type(t.query)(t.query.x.reshape(-1, 1, 16, 16), t.query.y)) for t in batch]
+    return TaskLoss(fm, *LOSSES["cross_entropy"][:2]), fm.init_params(), tasks
+
+
+def autograd_maml(task_loss, theta, task, lr, steps):
+    """Reference: plain torch.autograd with create_graph, one task at a time."""
+    (xs, ys), (xq, yq) = task.support, task.query
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+    phi = dict(leaves)
+    for _ in range(steps):
+        g = torch.autograd.grad(task_loss(phi, xs, ys), list(phi.values()), create_graph=True)
+        phi = {k: p - lr * gi for (k, p), gi in zip(phi.items(), g)}
+    out = torch.autograd.grad(task_loss(phi, xq, yq), list(leaves.values()))
+    return dict(zip(leaves, out))
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_maml_matches_plain_autograd_through_batchnorm(memory_efficient):
+    tl, theta, tasks = conv_task_loss()
+    for task in tasks:
+        g, _ = Unrolled(0.4, 2, query_objective, memory_efficient=memory_efficient)(tl, theta, task)
+        assert rel_err(g, autograd_maml(tl, theta, task, 0.4, 2)) < 1e-10
+
+
+def test_first_order_matches_plain_autograd_through_batchnorm():
+    tl, theta, tasks = conv_task_loss()
+    task = tasks[0]
+    (xs, ys), (xq, yq) = task.support, task.query
+    phi = dict(theta)
+    for _ in range(2):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+        g = torch.autograd.grad(tl(leaves, xs, ys), list(leaves.values()))
+        phi = {k: phi[k] - 0.4 * gi for k, gi in zip(phi, g)}
+    leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+    ref = dict(zip(leaves, torch.autograd.grad(tl(leaves, xq, yq), list(leaves.values()))))
+    g, _ = FirstOrder(0.4, 2)(tl, theta, task)
+    assert rel_err(g, ref) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["fwdrev", "revrev"])
+def test_hvp_matches_finite_difference_of_gradients_through_batchnorm(mode):
+    tl, theta, tasks = conv_task_loss()
+    (xs, ys) = tasks[0].support
+    v = {k: torch.randn(t.shape, dtype=DT, generator=torch.Generator().manual_seed(7)) for k, t in theta.items()}
+    norm = tree_norm(v)
+    v = {k: t / norm for k, t in v.items()}
+    hv = make_hvp(tl, theta, xs, ys, mode)(v)
+    grad_at = lambda s: torch.func.grad(tl)({k: theta[k] + s * v[k] for k in theta}, xs, ys)
+    eps = 1e-6
+    plus, minus = grad_at(eps), grad_at(-eps)
+    fd = {k: (plus[k] - minus[k]) / (2 * eps) for k in theta}
+    assert rel_err(hv, fd) < 1e-6
+
+
+def test_implicit_gradient_matches_dense_solve_through_batchnorm():
+    tl, theta, tasks = conv_task_loss()
+    # lam large enough that I + H/lam is positive definite for this network
+    rule = lambda solve, iters, tol: Implicit(0.1, 3, 20.0, solve, iters, tol, {})
+    exact, _ = rule(linalg.dense, 0, None)(tl, theta, tasks[0])
+    g, stats = rule(linalg.cg, 200, 1e-12)(tl, theta, tasks[0])
+    assert rel_err(g, exact) < 1e-8
+    assert float(stats["negative_curvature"]) == 0.0
