@@ -11,7 +11,7 @@ Notation (the seeds'): support loss ``Ls``, query loss ``Lq``, step size ``alpha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -46,18 +46,21 @@ def penalty_objective(task_loss: TaskLoss, task, penalty: float):
 
 
 def task_stats(task_loss: TaskLoss, theta: Params, phi: Params, task, support_pre, query_post,
-               **extra) -> dict:
+               full: bool = True, **extra) -> dict:
     """Losses (and accuracies for classification) on support and query, before and after
-    adaptation. ``support_pre``/``query_post`` come for free from the rules' own passes."""
+    adaptation. ``support_pre``/``query_post`` come for free from the rules' own passes; with
+    ``full`` the other two cost one forward pass each on the query set (at theta) and on the support
+    set (at phi)."""
     xs, ys = task.support
     xq, yq = task.query
     if support_pre is None:
         support_pre = task_loss.evaluate(theta, xs, ys)
-    query_pre = task_loss.evaluate(theta, xq, yq)
-    support_post = task_loss.evaluate(phi, xs, ys)
+    parts = [("support_pre", support_pre), ("query_post", query_post)]
+    if full:
+        parts += [("query_pre", task_loss.evaluate(theta, xq, yq)),
+                  ("support_post", task_loss.evaluate(phi, xs, ys))]
     stats = {}
-    for name, (loss, metric) in (("support_pre", support_pre), ("query_pre", query_pre),
-                                 ("support_post", support_post), ("query_post", query_post)):
+    for name, (loss, metric) in parts:
         where, when = name.split("_")
         stats[f"{where}_loss_{when}"] = loss
         if task_loss.metric is not None:
@@ -87,6 +90,7 @@ class Unrolled:
     memory_efficient: bool = False
     hvp_mode: str = "fwdrev"
     lam: float | None = None  # differentiate through iMAML's proximal inner loop instead
+    full_stats: bool = field(default=True, kw_only=True)
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support
@@ -108,7 +112,7 @@ class Unrolled:
             for point in reversed(path):
                 hv = make_hvp(task_loss, point, xs, ys, self.hvp_mode)(g)
                 g = {k: g[k] - self.lr * hv[k] for k in g}
-        return g, task_stats(task_loss, theta, phi, task, support_pre, query_post)
+        return g, task_stats(task_loss, theta, phi, task, support_pre, query_post, self.full_stats)
 
 
 @dataclass
@@ -117,12 +121,13 @@ class FirstOrder:
 
     lr: float
     steps: int
+    full_stats: bool = field(default=True, kw_only=True)
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support
         phi, support_pre, _ = inner_loop(task_loss, theta, xs, ys, lr=self.lr, steps=self.steps)
         g, query_post = grad(query_objective(task_loss, task), has_aux=True)(phi)
-        return g, task_stats(task_loss, theta, phi, task, support_pre, query_post)
+        return g, task_stats(task_loss, theta, phi, task, support_pre, query_post, self.full_stats)
 
 
 @dataclass
@@ -131,6 +136,7 @@ class ReptileRule:
 
     lr: float
     steps: int
+    full_stats: bool = field(default=True, kw_only=True)
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support
@@ -138,7 +144,7 @@ class ReptileRule:
         phi, support_pre, _ = inner_loop(task_loss, theta, xs, ys, lr=self.lr, steps=self.steps)
         g = {k: theta[k] - phi[k] for k in theta}
         query_post = task_loss.evaluate(phi, xq, yq)
-        return g, task_stats(task_loss, theta, phi, task, support_pre, query_post)
+        return g, task_stats(task_loss, theta, phi, task, support_pre, query_post, self.full_stats)
 
 
 @dataclass
@@ -160,6 +166,7 @@ class Implicit:
     solve_kwargs: dict
     warm_start: bool = True  # start CG from grad Lq (the first-order answer) instead of zero
     hvp_mode: str = "fwdrev"
+    full_stats: bool = field(default=True, kw_only=True)
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support
@@ -185,4 +192,4 @@ class Implicit:
             "negative_curvature": torch.tensor(float(result.negative_curvature), dtype=rel.dtype,
                                                device=rel.device),
         }
-        return result.x, task_stats(task_loss, theta, phi, task, support_pre, query_post, **extra)
+        return result.x, task_stats(task_loss, theta, phi, task, support_pre, query_post, self.full_stats, **extra)

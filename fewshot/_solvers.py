@@ -53,6 +53,17 @@ _COMMON_DOC = """
         Show a progress bar with ETA when > 0.
     warm_start : bool, default=False
         Continue from the fitted meta-parameters and optimizer state on the next ``meta_fit``.
+    full_history : bool, default=True
+        Record all four curves of ``history_`` every meta-step. The support loss before adaptation
+        and the query loss after it come free with the meta-gradient; the query loss before and
+        the support loss after adaptation cost one more forward pass each per task (about 15-25%
+        of a first-order meta-step with 15 query examples per class). False records only the free
+        ones.
+    task_threads : int or "auto", default="auto"
+        Python threads that process the tasks of a meta-batch in parallel, each with one intra-op
+        thread. "auto": ``torch.get_num_threads()`` on CPU (tasks are many small operations, which
+        intra-op threading parallelises poorly), 1 on CUDA. The result does not depend on it
+        beyond floating-point summation order within kernels.
 """
 
 _ATTRIBUTES_DOC = """

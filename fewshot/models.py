@@ -11,25 +11,65 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Conv4", "MLP", "build_model", "init_parameters", "MODELS"]
+__all__ = ["Conv4", "MLP", "MaxPool2x2", "build_model", "init_parameters", "MODELS"]
 
 
-def _conv_block(in_channels, out_channels, pool=True):
-    layers = [
+class MaxPool2x2(nn.Module):
+    """2x2 max-pooling with stride 2: the function and gradients of ``nn.MaxPool2d(2)``, faster.
+
+    PyTorch's CPU ``max_pool2d`` kernel for contiguous (NCHW) tensors is slow for these shapes (a
+    third of a Conv4 meta-step), while its channels-last kernel is vectorised: 3x faster forward
+    and backward together for a 75-image query batch. The position of each window's maximum is
+    found with the channels-last kernel outside autograd, and the maxima are gathered. Autograd,
+    and ``torch.func``'s ``grad``, ``jvp`` and ``vmap``, only see a ``gather`` with constant
+    indices: the same derivative, a cheap backward (a scatter) and exact higher-order derivatives
+    (pooling is piecewise linear).
+    """
+
+    def forward(self, x):
+        with torch.no_grad():
+            index = _argmax_2x2(x.detach())
+        return x.flatten(-2).gather(-1, index.flatten(-2)).unflatten(-1, index.shape[-2:])
+
+
+def _argmax_2x2(x):
+    """Flat index (into each H*W plane) of the maximum of every 2x2 window; ties go to the first
+    in row-major order, as in ``max_pool2d``."""
+    try:
+        return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2, return_indices=True)[1]
+    except RuntimeError as exc:  # under vmap, memory formats are not implemented
+        if "NYI" not in str(exc):
+            raise
+    height, width = x.shape[-2:]
+    h, w = height // 2, width // 2
+    a, b = x[..., 0:2 * h:2, 0:2 * w:2], x[..., 0:2 * h:2, 1:2 * w:2]
+    c, d = x[..., 1:2 * h:2, 0:2 * w:2], x[..., 1:2 * h:2, 1:2 * w:2]
+    right_top, right_bottom = b > a, d > c
+    down = torch.where(right_bottom, d, c) > torch.where(right_top, b, a)
+    col = torch.where(down, right_bottom, right_top).to(torch.int64)
+    rows = torch.arange(0, 2 * h, 2, device=x.device).view(h, 1) * width
+    cols = torch.arange(0, 2 * w, 2, device=x.device).view(1, w)
+    return rows + cols + down.to(torch.int64) * width + col
+
+
+def _conv_block(in_channels, out_channels):
+    # Pooling before the ReLU gives the same function as after (ReLU is monotone) on a quarter of
+    # the elements. Parameter names stay features.<i>.0 (conv) and features.<i>.1 (batch norm).
+    return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1),
         nn.BatchNorm2d(out_channels, track_running_stats=False),
+        MaxPool2x2(),
         nn.ReLU(),
-    ]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
+    )
 
 
 class Conv4(nn.Module):
     """Four blocks of [3x3 conv (``hidden`` filters), batch norm, ReLU, 2x2 max-pool], then a linear
-    layer: the Omniglot network of MAML (Finn et al., 2017) and of the report.
+    layer: the Omniglot network of MAML (Finn et al., 2017) and of the report. (Each block pools
+    before its ReLU, which computes the same function; see :class:`MaxPool2x2`.)
 
     For 28x28 inputs the feature map after four pools is 1x1, so the head sees ``hidden`` features.
     """

@@ -17,7 +17,7 @@ from fewshot._functional import inner_loop
 from fewshot._metagrad import FirstOrder, Implicit, ReptileRule, Unrolled, penalty_objective, query_objective
 from fewshot.tasks import LabeledSet, Task
 
-torch.set_default_dtype(torch.float64)
+DT = torch.float64
 
 
 class QuadraticLoss:
@@ -53,7 +53,7 @@ def problems(draw):
     A, B = spd(rng, n, draw(st.floats(1.0, 20.0))), spd(rng, n, draw(st.floats(1.0, 20.0)))
     a, b, theta = (torch.tensor(rng.standard_normal(n)) for _ in range(3))
     task = Task(LabeledSet(A, a), LabeledSet(B, b))
-    return dict(n=n, A=A, B=B, a=a, b=b, theta={"phi": theta}, task=task, I=torch.eye(n))
+    return dict(n=n, A=A, B=B, a=a, b=b, theta={"phi": theta}, task=task, I=torch.eye(n, dtype=DT))
 
 
 lrs = st.floats(0.05, 0.9)
@@ -183,7 +183,7 @@ def test_penalty_closed_form(p, lr, k, penalty):
 
 def test_inner_loop_reports_support_loss_at_theta():
     rng = np.random.default_rng(0)
-    A, a, th = spd(rng, 3, 4.0), torch.zeros(3), torch.ones(3)
+    A, a, th = spd(rng, 3, 4.0), torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT)
     _, (loss0, _), path = inner_loop(QuadraticLoss(), {"phi": th}, A, a, lr=0.1, steps=2, keep_path=True)
     close(loss0, 0.5 * th @ A @ th)
     assert len(path) == 2 and path[0]["phi"] is th

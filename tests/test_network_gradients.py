@@ -149,3 +149,54 @@ def test_implicit_gradient_matches_dense_solve_through_batchnorm():
     g, stats = rule(linalg.cg, 200, 1e-12)(tl, theta, tasks[0])
     assert rel_err(g, exact) < 1e-8
     assert float(stats["negative_curvature"]) == 0.0
+
+
+class StockConv4(nn.Module):
+    """The textbook block order [conv, batch norm, ReLU, nn.MaxPool2d] with ``fast``'s weights."""
+
+    def __init__(self, fast: Conv4):
+        super().__init__()
+        blocks = [nn.Sequential(b[0], b[1], nn.ReLU(), nn.MaxPool2d(2)) for b in fast.features[:4]]
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.head = fast.head
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("image_size", [28, 16])
+def test_fast_pooling_conv4_matches_textbook_conv4(image_size):
+    fast = init_parameters(Conv4(in_channels=1, n_outputs=3, hidden=8, image_size=image_size),
+                           torch.Generator().manual_seed(2)).to(DT)
+    ref = StockConv4(fast)
+    f_fast, f_ref = FunctionalModel(fast), FunctionalModel(ref)
+    theta = f_fast.init_params()
+    assert set(theta) == set(f_ref.init_params())
+    gen = torch.Generator().manual_seed(0)
+    xs, xq = (torch.rand((n, 1, image_size, image_size), generator=gen, dtype=DT) for n in (6, 9))
+    ys, yq = torch.arange(3).repeat(2), torch.arange(3).repeat(3)
+    task = type(sinusoid_task())(type(sinusoid_task().support)(xs, ys), type(sinusoid_task().query)(xq, yq))
+    torch.testing.assert_close(f_fast(theta, xq), f_ref(theta, xq), rtol=1e-12, atol=1e-12)
+    losses = [TaskLoss(f, *LOSSES["cross_entropy"][:2]) for f in (f_fast, f_ref)]
+    g_fast, g_ref = (Unrolled(0.4, 2, query_objective)(tl, theta, task)[0] for tl in losses)
+    assert rel_err(g_fast, g_ref) < 1e-12
+    v = {k: torch.randn(t.shape, generator=gen, dtype=DT) for k, t in theta.items()}
+    h_fast, h_ref = (make_hvp(tl, theta, xs, ys, "fwdrev")(v) for tl in losses)
+    assert rel_err(h_fast, h_ref) < 1e-12
+    # vmap (used for non-transductive prediction) through the fast pooling
+    batched = torch.func.vmap(lambda x: f_fast(theta, x))(xq.reshape(3, 3, 1, image_size, image_size))
+    looped = torch.stack([f_ref(theta, x) for x in xq.reshape(3, 3, 1, image_size, image_size)])
+    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["MAML", "FOMAML", "IMAML", "NeumannMAML", "PenaltyMAML", "Reptile"])
+def test_task_threads_give_the_same_meta_gradients(name):
+    import fewshot
+
+    sampler = GaussianClusterTasks(n_way=3, k_shot=2, n_query=2, n_features=16, n_classes=12)
+    est = getattr(fewshot, name)(model="mlp",
+                                 meta_steps=2, meta_batch_size=6, inner_steps=2, dtype="float64", random_state=0)
+    one = est.set_params(task_threads=1).meta_fit(sampler).params_
+    two = est.set_params(task_threads=3).meta_fit(sampler).params_
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-12, atol=1e-14)

@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -44,7 +45,7 @@ def peers_installed(python: Path) -> bool:
     if not python.exists():
         return False
     probe = "import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1:]))"
-    return subprocess.run([str(python), "-c", probe, *PEER_MODULES], capture_output=True).returncode == 0
+    return subprocess.run([str(python), "-I", "-c", probe, *PEER_MODULES], capture_output=True).returncode == 0
 
 
 def ensure_environment(python: Path, force: bool = False) -> None:
@@ -143,6 +144,14 @@ def main(argv=None) -> int:
     if not peers_installed(python):
         parser.error(f"the peer environment at {python} lacks one of {PEER_MODULES}; run setup_env.sh")
 
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cpus:
+        message = (f"the 1-minute load average is {load:.1f} on {cpus} CPUs: other work is running and "
+                   f"the timings will be inflated")
+        if args.threads > 1:
+            message += (f"; with --threads {args.threads} torch's worker threads also wait on each other, "
+                        f"which made meta-steps 10-100x slower on this machine (compare at --threads 1)")
+        warnings.warn(message + ". Trust only runs on an idle machine.", RuntimeWarning, stacklevel=1)
     todo = configs.configurations(args.libraries, args.solvers, args.inner_steps, args.workloads)
     if not todo:
         parser.error("no configuration matches the chosen libraries and solvers")

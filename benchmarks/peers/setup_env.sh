@@ -36,7 +36,7 @@ PIP=("$PY" -m pip install --disable-pip-version-check -c "$CONSTRAINTS")
 
 # installed_version NAME -> prints the installed distribution version, or nothing
 installed_version() {
-    "$PY" - "$1" <<'PYEOF'
+    "$PY" -I - "$1" <<'PYEOF'
 import sys
 from importlib import metadata
 try:
@@ -104,7 +104,7 @@ fi
 #    whichever of its declared runtime dependencies are missing (torch stays pinned by the
 #    constraints file); without a pyproject.toml, put the repository on the venv's import path
 #    with a .pth file (the venv's own PYTHONPATH entry).
-site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+site="$("$PY" -I -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 pth="$site/fewshot-repo.pth"
 if [[ -f "$REPO/pyproject.toml" ]]; then
     if [[ -f "$pth" ]]; then run rm -f "$pth"; fi
@@ -113,7 +113,7 @@ if [[ -f "$REPO/pyproject.toml" ]]; then
     else
         run "${PIP[@]}" --no-deps -e "$REPO"
     fi
-    mapfile -t missing < <("$PY" - "$REPO/pyproject.toml" <<'PYEOF'
+    mapfile -t missing < <("$PY" -I - "$REPO/pyproject.toml" <<'PYEOF'
 import re, sys, tomllib
 from importlib import metadata
 with open(sys.argv[1], "rb") as f:
@@ -140,7 +140,7 @@ fi
 # 6. Report what the environment has, importing each peer the way the benchmark does
 #    (peer_step.import_learn2learn stubs learn2learn.vision and learn2learn.gym: their torchvision
 #    and gym cannot load here, and MAML needs neither).
-"$PY" - "$HERE" <<'PYEOF'
+"$PY" -I - "$HERE" <<'PYEOF'
 import sys, warnings
 from importlib import metadata
 sys.path.insert(0, sys.argv[1])
