@@ -18,6 +18,7 @@ from sklearn.utils import check_random_state
 from torch import Tensor, nn
 from torch.func import vmap
 
+from . import _parallel
 from . import models as _models
 from ._functional import LOSSES, FunctionalModel, TaskLoss, inner_loop
 from ._tree import Params, tree_norm
@@ -45,6 +46,8 @@ COMMON_PARAMS = dict(
     random_state=None,
     verbose=0,
     warm_start=False,
+    full_history=True,
+    task_threads="auto",
 )
 
 #: ``inner_lr="auto"`` per task type: MAML's values for Omniglot (0.4) and sinusoid (0.01).
@@ -193,6 +196,9 @@ class MetaLearner(BaseEstimator):
                                  f"{sorted(_OPTIMIZERS)} or a torch.optim.Optimizer subclass, got {self.meta_optimizer!r}")
         else:
             check_choice("meta_optimizer", self.meta_optimizer, _OPTIMIZERS)
+        check_number("task_threads", self.task_threads, low=1, integer=True, allow=("auto",))
+        if not isinstance(self.full_history, bool):
+            raise ValueError(f"full_history must be True or False, got {self.full_history!r}")
         if not isinstance(self.transductive, bool):
             raise ValueError(f"transductive must be True or False, got {self.transductive!r}")
         check_number("verbose", self.verbose, low=0, integer=True)
@@ -287,36 +293,83 @@ class MetaLearner(BaseEstimator):
         Each meta-step draws ``meta_batch_size`` tasks, averages the solver's per-task
         meta-gradients and applies the meta-optimizer. A second call starts over unless
         ``warm_start=True``, which continues from the fitted state for ``meta_steps`` more steps.
+
+        Parameters
+        ----------
+        task_sampler : TaskSampler
+            Source of the meta-training tasks.
+        checkpoint : str or path-like, optional
+            File to save training to and resume it from. If it exists, the estimator is restored
+            from it (meta-parameters, meta-optimizer state, task-generator state, ``history_``,
+            ``n_iter_``) and training continues; otherwise training starts as usual and the file is
+            written. With a checkpoint, ``meta_steps`` is the *total* number of steps: a checkpoint
+            written after step ``n`` resumes at step ``n + 1`` and stops when ``n_iter_`` reaches
+            ``meta_steps`` (no step runs if it already has; raise ``meta_steps`` to train longer).
+            The result is the same as one uninterrupted run with the same ``random_state``. The
+            file is written atomically (a temporary file in the same directory, then
+            ``os.replace``) and loads with ``torch.load(weights_only=True)``. Networks, loss
+            callables and optimizer classes are not saved as code: construct the same estimator to
+            resume; a checkpoint of another solver, or of parameters that differ (except
+            ``meta_steps``, ``verbose``, ``device`` and ``warm_start``), is refused with a
+            ``ValueError`` naming the difference.
+        checkpoint_every : int, optional
+            Also write the checkpoint after every ``checkpoint_every`` steps (it is always written
+            after the last step). Needs ``checkpoint``.
+
+        Notes
+        -----
+        Inside an initialized ``torch.distributed`` process group (for example under
+        ``torchrun --nproc_per_node=W``), each meta-batch is split into ``W`` shards of
+        ``meta_batch_size / W`` tasks (``meta_batch_size`` must be divisible by ``W``); rank ``r``
+        draws shard ``r`` from its own generator, seeded from the task seed (from
+        ``random_state``) and ``r``, and the meta-gradient and ``history_`` statistics are
+        all-reduced, so the meta-parameters and ``history_`` (except its wall-clock ``time``) are
+        identical on every rank. Rank 0 alone shows progress and writes the checkpoint (which
+        holds every rank's generator state; every rank must see the file to resume). See
+        ``docs/distributed.md``.
         """
         return self._fit(task_sampler, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
 
     def _fit(self, sampler, checkpoint=None, checkpoint_every=None):
+        from . import _checkpoint, _distributed
+
         device, dtype = self._validate_params()
         self._check_sampler(sampler)
-        continuing = self.warm_start and hasattr(self, "params_")
-        if not continuing:
+        path, every = _checkpoint.check_options(checkpoint, checkpoint_every)
+        world = _distributed.current_world()
+        self._check_shards(world)
+        resume = path is not None and path.is_file()
+        _distributed.check_agree(world, int(resume), "whether the checkpoint file exists")
+        continuing = not resume and self.warm_start and hasattr(self, "params_")
+        if continuing:
+            params, optimizer = self.params_, self.optimizer_
+            gen = _distributed.restore_streams(world, self._task_rng_state)
+        else:
             rs = check_random_state(self.random_state)
-            init_seed, task_seed = (int(s) for s in rs.randint(0, 2**31 - 1, size=2))
+            init_seed, task_seed = _distributed.broadcast_ints(world, rs.randint(0, 2**31 - 1, size=2))
             self._setup(sampler, device, dtype, init_seed)
             params = self.fmodel_.init_params(device, dtype)
-            self._task_rng_state = torch.Generator().manual_seed(task_seed).get_state()
+            optimizer = self._make_optimizer(params)
             self.history_ = {}
             self.n_iter_ = 0
-            optimizer = self._make_optimizer(params)
-        else:
-            params = self.params_
-            optimizer = self.optimizer_
-        rule = self._make_rule()
-        gen = torch.Generator()
-        gen.set_state(self._task_rng_state)
+            if resume:
+                gen = self._load_checkpoint(path, world, params, optimizer)
+            else:
+                _distributed.broadcast_params(world, params)
+                gen = _distributed.task_streams(world, task_seed)
+        rule = self._rule()
         self.params_, self.optimizer_ = params, optimizer
+        # With a checkpoint, meta_steps is the total step count; otherwise the steps of this call.
+        target = self.meta_steps if path is not None else self.n_iter_ + self.meta_steps
+        shards = _distributed.shard_sampler(sampler, world)
         elapsed0 = self.history_.get("time", [0.0])[-1] if self.history_ else 0.0
         start = time.perf_counter()
-        progress = self._progress(self.meta_steps)
+        progress = self._progress(max(target - self.n_iter_, 0)) if world.is_main else None
         try:
-            for _ in range(self.meta_steps):
-                data = self._draw(sampler, gen, device, dtype, first=self.n_iter_ == 0)
+            while self.n_iter_ < target:
+                data = self._draw(shards, gen, device, dtype, first=self.n_iter_ == 0)
                 grads, stats = self._step_gradient(rule, params, data)
+                grads, stats = _distributed.all_reduce_mean(world, grads, stats)
                 norm = tree_norm(grads)
                 names = ["meta_grad_norm", *stats]
                 values = torch.stack([norm, *stats.values()]).tolist()  # one host sync per step
@@ -331,6 +384,8 @@ class MetaLearner(BaseEstimator):
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(self._progress_postfix(record), refresh=False)
+                if path is not None and (self.n_iter_ == target or (every and self.n_iter_ % every == 0)):
+                    self._save_checkpoint(path, world, params, optimizer, gen)
         finally:
             self._task_rng_state = gen.get_state()
             if progress is not None:
@@ -390,25 +445,45 @@ class MetaLearner(BaseEstimator):
         check_labeled_set(batch.support, name=f"{name}: support", require_all_classes=True, **kw)
         check_labeled_set(batch.query, name=f"{name}: query", **kw)
 
+    def _task_workers(self) -> int:
+        """Threads that process a meta-batch's tasks: ``task_threads``; "auto" is PyTorch's
+        intra-op thread count on CPU (each task thread then runs one intra-op thread) and 1 on
+        other devices, whose kernels are asynchronous already."""
+        if self.task_threads != "auto":
+            return int(self.task_threads)
+        device = next(iter(self.params_.values())).device if hasattr(self, "params_") else self._resolve_device()
+        return torch.get_num_threads() if device.type == "cpu" else 1
+
     def _step_gradient(self, rule, params: Params, batch: TaskBatch):
         """Mean over the meta-batch of the per-task meta-gradients and statistics."""
-        task_loss = self._task_loss
-        total, stats_total = None, None
-        for task in batch:
-            g, stats = rule(task_loss, params, task)
-            if total is None:
-                total, stats_total = dict(g), dict(stats)
-            else:
-                for k in total:
-                    total[k] = total[k] + g[k]
-                for k in stats_total:
-                    stats_total[k] = stats_total[k] + stats[k]
-        n = len(batch)
-        return {k: v / n for k, v in total.items()}, {k: v / n for k, v in stats_total.items()}
+        task_loss, workers = self._task_loss, self._task_workers()
+        if workers > 1:
+            fmodel, parts = self.fmodel_, self._loss_parts
+
+            def one(task):
+                return rule(TaskLoss(_parallel.thread_local_copy(fmodel), *parts), params, task)
+        else:
+            def one(task):
+                return rule(task_loss, params, task)
+
+        results = _parallel.map_tasks(one, batch, workers)
+        n = len(results)
+        grads = {k: sum(g[k] for g, _ in results) / n for k in results[0][0]}
+        stats = {k: sum(s[k] for _, s in results) / n for k in results[0][1]}
+        return grads, stats
 
     # ------------------------------------------------------------------ the solver's parts
     def _make_rule(self):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _rule(self):
+        rule = self._make_rule()
+        if rule is not None:
+            rule.full_stats = bool(self.full_history)
+            if hasattr(rule, "hvp_mode"):
+                # forward-mode AD is not thread-safe; with one thread, forward-over-reverse
+                rule.hvp_mode = "revrev" if self._task_workers() > 1 else "fwdrev"
+        return rule
 
     def _inner_lam(self):
         """Proximal weight of the inner problem (``None``: plain support loss)."""
@@ -421,6 +496,23 @@ class MetaLearner(BaseEstimator):
         phi, _, _ = inner_loop(self._task_loss, self.params_, support.x, support.y, lr=self.inner_lr_,
                                steps=self._adapt_steps(), lam=self._inner_lam())
         return {k: v.detach() for k, v in phi.items()}
+
+    def meta_gradient(self, tasks, *, params: Params | None = None) -> list[Params]:
+        """This solver's per-task meta-gradients at ``params`` (default ``params_``).
+
+        ``tasks`` is a :class:`~fewshot.tasks.TaskBatch`, a task or a list of tasks. Returns one dict
+        shaped like ``params_`` per task: the quantity each meta-step averages (for
+        :class:`Reptile`, the pseudo-gradient). Used by :mod:`fewshot.diagnostics` to compare
+        solvers at the same point; ``meta_fit`` with ``meta_steps=0`` prepares an estimator for it.
+        """
+        self._check_fitted()
+        batch = as_task_batch(tasks)
+        device, dtype = self._device_dtype()
+        batch = batch.to(device, dtype)
+        self._check_batch(batch, name="tasks")
+        theta = self.params_ if params is None else {k: params[k].to(device, dtype) for k in self.params_}
+        rule, task_loss = self._rule(), self._task_loss
+        return [{k: v.detach() for k, v in rule(task_loss, theta, task)[0].items()} for task in batch]
 
     # ------------------------------------------------------------------ adaptation and scoring
     def _device_dtype(self):
@@ -478,3 +570,35 @@ class MetaLearner(BaseEstimator):
 
     def __sklearn_is_fitted__(self):
         return hasattr(self, "params_")
+
+    # ------------------------------------------------------------------ sharding and checkpoints
+    def _check_shards(self, world):
+        """Each of the ``world.n_shards`` processes draws an equal part of the step's batch."""
+        params = self.get_params(deep=False)
+        name = "meta_batch_size" if "meta_batch_size" in params else "batch_size"
+        size = params.get(name)
+        if world.n_shards > 1 and size is not None and size % world.n_shards:
+            raise ValueError(f"{name}={size} must be divisible by the number of processes "
+                             f"({world.n_shards}): each process draws an equal shard of every batch")
+
+    def _save_checkpoint(self, path, world, params: Params, optimizer, streams):
+        from . import _checkpoint, _distributed
+
+        states = _distributed.gather_stream_states(world, streams)  # a collective: every rank calls it
+        if world.is_main:
+            _checkpoint.save(path, _checkpoint.make_state(self, params, optimizer, states))
+
+    def _load_checkpoint(self, path, world, params: Params, optimizer):
+        """Restore the state saved at ``path`` into the freshly built ``params`` and ``optimizer``;
+        return the task generators of this process's shards."""
+        from . import _checkpoint, _distributed
+
+        state = _checkpoint.load(path, self, params)
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state["meta_params"][k])
+        optimizer.load_state_dict(state["optimizer"])
+        self.history_ = {k: list(v) for k, v in state["history"].items()}
+        self.n_iter_ = int(state["n_iter"])
+        _distributed.check_agree(world, self.n_iter_, "the checkpoint's step count")
+        return _distributed.streams_from_checkpoint(world, state["task_rng_states"], path)
