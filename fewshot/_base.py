@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -23,7 +24,7 @@ from . import models as _models
 from ._functional import LOSSES, FunctionalModel, TaskLoss, inner_loop
 from ._tree import Params, tree_norm
 from ._validation import check_choice, check_labeled_set, check_number
-from .exceptions import DivergenceError, NotFittedError
+from .exceptions import DivergenceError, NotFittedError, SolverWarning
 from .tasks import Task, TaskBatch, TaskSampler, as_task_batch
 
 __all__ = ["MetaLearner", "AdaptedModel", "Evaluation", "COMMON_PARAMS", "estimator_init"]
@@ -364,6 +365,7 @@ class MetaLearner(BaseEstimator):
         shards = _distributed.shard_sampler(sampler, world)
         elapsed0 = self.history_.get("time", [0.0])[-1] if self.history_ else 0.0
         start = time.perf_counter()
+        first_step = self.n_iter_
         progress = self._progress(max(target - self.n_iter_, 0)) if world.is_main else None
         try:
             while self.n_iter_ < target:
@@ -390,7 +392,29 @@ class MetaLearner(BaseEstimator):
             self._task_rng_state = gen.get_state()
             if progress is not None:
                 progress.close()
+            self._warn_about_solves(first_step)
         return self
+
+    def _warn_about_solves(self, first_step: int):
+        """One :class:`~fewshot.exceptions.SolverWarning` per fit when implicit solves misbehaved
+        (the steps stay finite: CG stops before a direction of non-positive curvature and keeps its
+        last iterate; a Neumann series that diverges is reported, not repaired)."""
+        h = self.history_
+        negative = sum(1 for v in h.get("negative_curvature", [])[first_step:] if v > 0)
+        diverged = sum(1 for v in h.get("solve_diverged", [])[first_step:] if v > 0)
+        steps = len(h.get("solve_residual", [])[first_step:])
+        if negative:
+            warnings.warn(
+                f"{type(self).__name__}: conjugate gradient met non-positive curvature of I + H/lam "
+                f"in {negative} of {steps} meta-steps (the Hessian has eigenvalues below -lam) and "
+                "stopped at its last iterate there; increase lam to make the system positive definite.",
+                SolverWarning, stacklevel=3)
+        if diverged:
+            warnings.warn(
+                f"{type(self).__name__}: the Neumann series diverged in {diverged} of {steps} meta-steps "
+                "and was cut at its best partial sum; lower neumann_lr or raise lam so that "
+                "0 < neumann_lr * (1 + mu/lam) < 2 for the Hessian's eigenvalues mu (see the class docstring).",
+                SolverWarning, stacklevel=3)
 
     def _make_optimizer(self, params: Params):
         cls = _OPTIMIZERS[self.meta_optimizer] if isinstance(self.meta_optimizer, str) else self.meta_optimizer

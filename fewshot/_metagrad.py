@@ -191,5 +191,6 @@ class Implicit:
             "solve_residual": rel,
             "negative_curvature": torch.tensor(float(result.negative_curvature), dtype=rel.dtype,
                                                device=rel.device),
+            "solve_diverged": torch.tensor(float(result.diverged), dtype=rel.dtype, device=rel.device),
         }
         return result.x, task_stats(task_loss, theta, phi, task, support_pre, query_post, self.full_stats, **extra)

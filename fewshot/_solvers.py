@@ -243,7 +243,10 @@ class NeumannMAML(MetaLearner):
     ``neumann_terms=4``), which needs ``|mu| < lam``; a smaller ``eta`` is the damping that makes
     the series converge for any positive-definite ``M`` with ``eta < 2 / (1 + lambda_max(H)/lam)``.
     Uses ``K`` Hessian-vector products (``K - 1`` for the series, one for the residual reported in
-    ``history_["solve_residual"]``).
+    ``history_["solve_residual"]``). Where the condition fails the partial sums stop improving: the
+    series is then cut at the partial sum with the smallest residual (``history_["solve_diverged"]``
+    counts the tasks, and ``meta_fit`` ends with a ``SolverWarning``), so a divergent series never
+    produces an overflowing meta-gradient.
 
     Parameters
     ----------
@@ -269,7 +272,7 @@ class NeumannMAML(MetaLearner):
 
     def _make_rule(self):
         return Implicit(self.inner_lr_, self.inner_steps, float(self.lam), linalg.neumann,
-                        self.neumann_terms, None, {"lr": float(self.neumann_lr)})
+                        self.neumann_terms, None, {"lr": float(self.neumann_lr), "stop_on_growth": True})
 
 
 @_doc

@@ -33,12 +33,15 @@ class SolveResult(NamedTuple):
     negative_curvature : bool
         CG met a direction ``p`` with ``p^T M p <= 0`` and stopped before it (``M`` is not
         positive definite there); always ``False`` for the other solvers.
+    diverged : bool
+        The Neumann series stopped early because its residual grew (with ``stop_on_growth``).
     """
 
     x: Vector
     n_iter: int
     residual: Tensor
     negative_curvature: bool = False
+    diverged: bool = False
 
 
 def damped(matvec: Callable, damping: float) -> Callable:
@@ -91,7 +94,8 @@ def cg(matvec: Callable, b: Vector, *, maxiter: int = 10, tol: float | None = 1e
 
 
 def neumann(matvec: Callable, b: Vector, *, maxiter: int = 4, tol: float | None = None,
-            init: Vector | None = None, lr: float = 1.0, compute_residual: bool = True) -> SolveResult:
+            init: Vector | None = None, lr: float = 1.0, compute_residual: bool = True,
+            stop_on_growth: bool = False) -> SolveResult:
     """Truncated Neumann series (Richardson iteration) for ``M x = b``.
 
     Returns ``x_K = lr * sum_{j=0}^{K-1} (I - lr M)^j b`` with ``K = maxiter`` terms, computed with
@@ -102,7 +106,9 @@ def neumann(matvec: Callable, b: Vector, *, maxiter: int = 4, tol: float | None 
     ``0 < lr < 2 / lambda_max(M)`` guarantees it. With ``M = I + H / lam`` and ``lr = 1`` the series is
     ``sum_j (-H / lam)^j b``, which converges when every eigenvalue of ``H`` lies in ``(-lam, lam)``.
 
-    ``tol`` stops early when the residual falls below ``tol * ||b||`` (needs ``compute_residual``);
+    ``tol`` stops early when the residual falls below ``tol * ||b||`` (needs ``compute_residual``).
+    ``stop_on_growth`` stops when adding a term would make the residual grow (the series is
+    diverging) and returns the partial sum with the smallest residual, flagged ``diverged``.
     ``init`` is accepted for interface compatibility and must be ``None``.
     """
     if init is not None:
@@ -113,16 +119,20 @@ def neumann(matvec: Callable, b: Vector, *, maxiter: int = 4, tol: float | None 
     x = term
     b_norm = tree_norm(b)
     residual = torch.full((), float("nan"), dtype=b_norm.dtype, device=b_norm.device)
-    n_iter = 0
+    n_iter, diverged = 0, False
     for k in range(1, maxiter + (1 if compute_residual else 0)):
         term = tree_axpy(-lr, matvec(term), term)  # (I - lr M) term
         if compute_residual:
-            residual = tree_norm(term) / lr
+            previous, residual = residual, tree_norm(term) / lr  # residual of x (terms 0..k-1)
+            if stop_on_growth and k > 1 and not bool(residual <= previous):
+                x, residual, diverged, n_iter = x_previous, previous, True, k - 2
+                break
             if k == maxiter or (tol is not None and bool(residual <= tol * b_norm)):
                 break
+        x_previous = x
         x = tree_axpy(1.0, term, x)
         n_iter = k
-    return SolveResult(x, n_iter, residual, False)
+    return SolveResult(x, n_iter, residual, False, diverged)
 
 
 def dense(matvec: Callable, b: Vector, *, maxiter: int | None = None, tol: float | None = None,

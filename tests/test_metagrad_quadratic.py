@@ -187,3 +187,16 @@ def test_inner_loop_reports_support_loss_at_theta():
     _, (loss0, _), path = inner_loop(QuadraticLoss(), {"phi": th}, A, a, lr=0.1, steps=2, keep_path=True)
     close(loss0, 0.5 * th @ A @ th)
     assert len(path) == 2 and path[0]["phi"] is th
+
+
+def test_neumann_stop_on_growth_returns_the_best_partial_sum():
+    M = torch.diag(torch.tensor([0.5, 5.0], dtype=DT))  # lr=1: I - M has eigenvalue -4, diverges
+    b = torch.tensor([1.0, 1.0], dtype=DT)
+    plain = linalg.neumann(lambda v: M @ v, b, maxiter=6)
+    cut = linalg.neumann(lambda v: M @ v, b, maxiter=6, stop_on_growth=True)
+    assert cut.diverged and not plain.diverged
+    assert cut.residual < plain.residual and torch.isfinite(cut.x).all()
+    torch.testing.assert_close(cut.residual, torch.linalg.vector_norm(b - M @ cut.x))
+    converging = linalg.neumann(lambda v: M @ v, b, maxiter=6, lr=0.3, stop_on_growth=True)
+    torch.testing.assert_close(converging.x, linalg.neumann(lambda v: M @ v, b, maxiter=6, lr=0.3).x)
+    assert not converging.diverged

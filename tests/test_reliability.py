@@ -1,0 +1,169 @@
+"""Divergence, ill-conditioned solves and malformed input: loud, early, never silent garbage."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fewshot
+from fewshot.exceptions import DivergenceError, SolverWarning
+from fewshot.tasks import GaussianClusterTasks, LabeledSet, SinusoidTasks
+
+ESTIMATORS = list(fewshot.SOLVERS.values())
+
+
+def test_divergence_stops_with_named_error_and_keeps_last_finite_params():
+    sampler = SinusoidTasks()
+    est = fewshot.FOMAML(meta_optimizer="sgd", meta_lr=50.0, inner_lr=0.01, inner_steps=2, meta_steps=50,
+                         meta_batch_size=4, random_state=0)
+    with pytest.raises(DivergenceError) as info:
+        est.meta_fit(sampler)
+    err = info.value
+    assert est.n_iter_ >= 1, "this setting should survive at least one step"
+    assert err.solver == "FOMAML" and err.step == est.n_iter_ + 1
+    assert f"meta-step {err.step}" in str(err) and "FOMAML" in str(err)
+    assert err.last_finite == {k: v[-1] for k, v in est.history_.items()}
+    assert all(torch.isfinite(p).all() for p in est.params_.values())
+    assert all(math.isfinite(v) for values in est.history_.values() for v in values)
+    assert len(est.history_["time"]) == est.n_iter_
+
+
+def test_reptile_with_the_reports_outer_rate_is_caught_or_clipped():
+    """The report's Reptile at outer learning rate 0.1 diverged. A large inner step makes it blow up
+    here within a few steps: it must raise, and gradient clipping is the documented remedy."""
+    sampler = SinusoidTasks()
+    kw = dict(outer_stepsize=0.1, inner_lr=0.3, inner_steps=10, meta_batch_size=4, meta_steps=40, random_state=0)
+    with pytest.raises(DivergenceError, match="Reptile diverged"):
+        fewshot.Reptile(**kw).meta_fit(sampler)
+
+
+def test_grad_clip_bounds_the_update():
+    sampler = SinusoidTasks()
+    est = fewshot.FOMAML(meta_optimizer="sgd", meta_lr=1.0, grad_clip=1e-3, meta_steps=1,
+                         meta_batch_size=4, random_state=0)
+    before = {k: v.clone() for k, v in fewshot.FOMAML(meta_steps=0, random_state=0).meta_fit(sampler).params_.items()}
+    est.meta_fit(sampler)
+    step = torch.sqrt(sum(((est.params_[k] - before[k]) ** 2).sum() for k in before))
+    assert float(step) <= 1e-3 * (1 + 1e-5)
+    assert est.history_["meta_grad_norm"][0] > 1e-3  # the raw norm is recorded, unclipped
+
+
+def test_cg_negative_curvature_is_handled_and_warned():
+    # A tiny lam makes I + H/lam indefinite wherever H has a negative eigenvalue.
+    sampler = GaussianClusterTasks(n_way=3, k_shot=2, n_query=2, n_features=8, n_classes=12)
+    est = fewshot.IMAML(lam=1e-4, inner_steps=3, cg_steps=20, meta_steps=3, meta_batch_size=4, random_state=0)
+    with pytest.warns(SolverWarning, match="non-positive curvature"):
+        est.meta_fit(sampler)
+    assert all(np.isfinite(v).all() for v in est.history_.values())
+    assert max(est.history_["negative_curvature"]) > 0
+
+
+def test_diverging_neumann_series_is_reported():
+    sampler = SinusoidTasks()
+    est = fewshot.NeumannMAML(lam=0.01, neumann_terms=6, neumann_lr=1.0, inner_steps=2, meta_steps=2,
+                              meta_batch_size=2, meta_lr=1e-6, random_state=0)
+    with pytest.warns(SolverWarning, match="Neumann series diverged"):
+        est.meta_fit(sampler)
+    assert max(est.history_["solve_diverged"]) > 0
+    assert all(np.isfinite(v).all() for v in est.history_.values())
+
+
+def test_solver_diagnostics_are_recorded():
+    sampler = SinusoidTasks()
+    est = fewshot.IMAML(lam=10.0, cg_steps=4, meta_steps=2, meta_batch_size=2, random_state=0).meta_fit(sampler)
+    assert all(1 <= it <= 4 for it in est.history_["solve_iters"])
+    assert all(0 <= r < 1 for r in est.history_["solve_residual"])
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_same_random_state_bit_identical_predictions(cls):
+    sampler = GaussianClusterTasks(n_way=3, k_shot=2, n_query=2, n_features=4, n_classes=12)
+    kw = dict(meta_steps=3, random_state=7, **({} if cls is fewshot.FineTune else dict(meta_batch_size=3, inner_steps=2)))
+    a, b = cls(**kw).meta_fit(sampler), cls(**kw).meta_fit(sampler)
+    task = sampler.sample(random_state=3)
+    assert torch.equal(a.adapt(task.support).predict_proba(task.query.x),
+                       b.adapt(task.support).predict_proba(task.query.x))
+
+
+# --------------------------------------------------------------------------- fuzzing the entry points
+FITTED = {}
+
+
+def fitted(cls):
+    if cls not in FITTED:
+        sampler = GaussianClusterTasks(n_way=3, k_shot=2, n_query=2, n_features=4, n_classes=12)
+        kw = dict(meta_steps=1, random_state=0, **({} if cls is fewshot.FineTune else dict(meta_batch_size=2, inner_steps=1)))
+        FITTED[cls] = cls(**kw).meta_fit(sampler)
+    return FITTED[cls]
+
+
+@st.composite
+def malformed_support(draw):
+    n = draw(st.integers(0, 7))
+    dims = draw(st.sampled_from([(4,), (5,), (2, 2), ()]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.int64]))
+    x = torch.randn((n, *dims)).to(dtype)
+    if draw(st.booleans()) and x.is_floating_point() and x.numel():
+        x.view(-1)[0] = draw(st.sampled_from([float("nan"), float("inf")]))
+    ylabels = draw(st.lists(st.integers(-2, 5), min_size=0, max_size=8))
+    ydtype = draw(st.sampled_from([torch.int64, torch.int32, torch.float32]))
+    y = torch.tensor(ylabels).to(ydtype)
+    return x, y
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=malformed_support())
+def test_fuzz_adapt_either_works_or_raises_a_clear_error(cls, data):
+    est = fitted(cls)
+    x, y = data
+    try:
+        adapted = est.adapt((x, y))
+    except (ValueError, TypeError) as exc:
+        assert any(w in str(exc) for w in ("support", "x", "y")), str(exc)
+        return
+    # Accepted only if it really was a valid support set: then predictions are sane.
+    assert x.shape[1:] == (4,) and x.is_floating_point() and torch.isfinite(x).all()
+    assert set(y.tolist()) == {0, 1, 2} and y.shape == (x.shape[0],)
+    proba = adapted.predict_proba(torch.randn(5, 4))
+    assert torch.isfinite(proba).all() and torch.allclose(proba.sum(1), torch.ones(5))
+
+
+class BadSampler(fewshot.tasks.TaskSampler):
+    task_type, input_shape, n_outputs, n_way = "classification", (4,), 3, 3
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.n_pretrain_outputs = 3
+
+    def _sample(self, n, gen):
+        good = GaussianClusterTasks(n_way=3, k_shot=2, n_query=2, n_features=4, n_classes=12)._sample(n, gen)
+        if self.mode == "labels":
+            return type(good)(LabeledSet(good.support.x, good.support.y + 1), good.query)
+        if self.mode == "nan":
+            return type(good)(LabeledSet(good.support.x * float("nan"), good.support.y), good.query)
+        if self.mode == "shape":
+            return type(good)(LabeledSet(good.support.x[..., :3], good.support.y), good.query)
+        return [good]  # wrong type
+
+    def sample_pretraining(self, batch_size, *, random_state=None, device=None):
+        if self.mode == "nan":
+            return LabeledSet(torch.full((batch_size, 4), float("nan")), torch.zeros(batch_size, dtype=torch.int64))
+        return LabeledSet(torch.randn(batch_size, 4), torch.zeros(batch_size, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("cls", [c for c in ESTIMATORS if c is not fewshot.FineTune])
+@pytest.mark.parametrize("mode, error, match", [
+    ("labels", ValueError, "labels must lie in 0..2"),
+    ("nan", ValueError, "NaN"),
+    ("shape", ValueError, "shape"),
+    ("type", TypeError, "must return a TaskBatch"),
+])
+def test_bad_sampler_output_is_named(cls, mode, error, match):
+    est = cls(meta_steps=2, meta_batch_size=2, inner_steps=1, random_state=0)
+    with pytest.raises(error, match=match):
+        est.meta_fit(BadSampler(mode))
