@@ -155,3 +155,37 @@ def test_user_module_template_is_not_mutated(cls, sampler):
     est = make(cls, model=template).meta_fit(sampler)
     assert all(torch.equal(before[k], v) for k, v in template.state_dict().items())
     assert not params_equal(est.params_, dict(template.named_parameters()))
+
+
+def test_callable_loss_matches_named_loss(sampler):
+    named = fewshot.FOMAML(meta_steps=2, meta_batch_size=2, inner_steps=1, random_state=0).meta_fit(sampler)
+    custom = fewshot.FOMAML(loss=torch.nn.functional.cross_entropy, meta_steps=2, meta_batch_size=2,
+                            inner_steps=1, random_state=0).meta_fit(sampler)
+    assert params_equal(named.params_, custom.params_)
+    assert "query_acc_post" in custom.history_
+
+
+def test_non_transductive_prediction_is_per_example():
+    sampler = GaussianClusterTasks(n_way=3, k_shot=2, n_query=2, n_features=64, n_classes=12)
+
+    class Images(type(sampler)):
+        def _sample(self, n, gen):
+            b = super()._sample(n, gen)
+            reshape = lambda s: fewshot.tasks.LabeledSet(s.x.reshape(n, -1, 1, 8, 8), s.y)
+            return fewshot.tasks.TaskBatch(reshape(b.support), reshape(b.query))
+
+    images = Images(n_way=3, k_shot=2, n_query=2, n_features=64, n_classes=12)
+    images.input_shape = (1, 8, 8)
+    est = fewshot.FOMAML(model=torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1),
+                                                   torch.nn.BatchNorm2d(4, track_running_stats=False),
+                                                   torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(256, 3)),
+                         transductive=False, meta_steps=1, meta_batch_size=2, inner_steps=1,
+                         dtype="float64", random_state=0).meta_fit(images)
+    task = images.sample(random_state=1).to(dtype=torch.float64)
+    adapted = est.adapt(task.support)
+    out = adapted.forward(task.query.x)
+    for i in range(len(task.query.x)):  # each query normalised with the support set plus itself only
+        alone = adapted.fmodel(adapted.params, torch.cat([adapted.support.x, task.query.x[i:i + 1]]))[-1]
+        torch.testing.assert_close(out[i], alone, rtol=1e-12, atol=1e-12)
+    # and it does not depend on the other queries
+    torch.testing.assert_close(adapted.forward(task.query.x[:2]), out[:2], rtol=1e-12, atol=1e-12)
