@@ -39,7 +39,7 @@ __all__ = [
 
 def __getattr__(name):
     # Optional parts are imported on first use, so `import fewshot` stays light.
-    if name in ("datasets", "diagnostics", "model_selection"):
+    if name in ("datasets", "diagnostics", "model_selection", "compare", "plotting"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -1,0 +1,677 @@
+"""The runner behind ``fewshot compare``: several solvers, one task family, one protocol.
+
+Layout of the output folder ``out``::
+
+    out/<solver>/config.json        the solver's resolved settings (what identifies its run)
+    out/<solver>/checkpoint.joblib  the estimator, saved atomically after every chunk of meta-steps
+    out/<solver>/history.json       estimator.history_ (learning curves)
+    out/<solver>/result.json        score, times, memory: written last, marks the solver finished
+    out/<solver>/error.txt          traceback of a failed run (the other solvers carry on)
+    out/results.csv, results.json   the table, assembled from the result files
+    out/fidelity.csv, fidelity.json the meta-gradient fidelity table
+    out/curves_loss.png, curves_accuracy.png, score_vs_time.png
+
+Each solver runs in its own process (``python -m fewshot compare --worker out/<solver>``), so its
+peak memory is its own and a crash does not stop the others. Meta-training runs in chunks of
+``chunk_size`` meta-steps with ``warm_start=True``; the estimator (parameters, optimizer state and
+task-stream state) is saved after each chunk, so an interrupted comparison resumes where it stopped
+and the result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _protocols
+
+__all__ = ["run_comparison", "load_results", "format_table", "format_fidelity", "Comparison",
+           "UsageError", "SOLVER_TYPES", "TABLE_FIELDS", "FIDELITY_FIELDS"]
+
+#: The report's classification of each method (Table 2).
+SOLVER_TYPES = {
+    "MAML": "Explicit 2nd-Order",
+    "FOMAML": "1st-Order",
+    "Reptile": "1st-Order",
+    "IMAML": "Implicit 2nd-Order",
+    "NeumannMAML": "Approx. 2nd-Order",
+    "PenaltyMAML": "Penalty 2nd-Order",
+    "FineTune": "Non-Meta",
+}
+
+#: Columns of results.csv / results.json.
+TABLE_FIELDS = ("method", "type", "metric", "score_mean", "score_ci95", "n_eval_tasks", "meta_steps",
+                "train_time_s", "s_per_step", "peak_rss_mb", "eval_time_s", "status")
+#: Columns of fidelity.csv / fidelity.json.
+FIDELITY_FIELDS = ("method", "reference", "n_tasks", "cosine_mean", "cosine_std", "rel_error_mean",
+                   "rel_error_std", "norm_ratio_mean")
+
+CONFIG, CHECKPOINT, HISTORY, RESULT, ERROR = ("config.json", "checkpoint.joblib", "history.json",
+                                              "result.json", "error.txt")
+#: Environment of the solver processes. OpenMP threads that wait for work spin by default; on a busy
+#: machine they then hold a core another thread needs. Measured on a 2-core machine with a load
+#: average of 5: scoring an Omniglot task took 5.6 s with 2 threads instead of 0.2 s, FineTune's
+#: sinusoid pre-training step 0.07 s instead of 0.001; "PASSIVE" (wait asleep) removed both. Only
+#: set when the user has not set it.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+EVAL_CHUNK = 50  # evaluation tasks are drawn (and scored) 50 at a time from one seeded generator
+_FORMAT = 1  # bump when the files' meaning changes
+
+
+class UsageError(ValueError):
+    """Settings that cannot run (unknown names, conflicting runs in the output folder, ...)."""
+
+
+class Comparison(NamedTuple):
+    """What :func:`run_comparison` returns: the output folder and the two tables (lists of rows)."""
+
+    out: Path
+    results: list
+    fidelity: list
+
+
+# --------------------------------------------------------------------------------------------------
+# Small file helpers: every write is atomic (a temporary file in the same folder, then os.replace)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(obj):
+    """NaN and infinities become ``null`` (valid JSON); numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _write_json(path: Path, obj) -> None:
+    text = json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n"
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _read_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_csv(path: Path, rows, fields) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+    _atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def _dump(obj, path: Path) -> None:
+    import joblib
+
+    _atomic_write(path, lambda f: joblib.dump(obj, f))
+
+
+def _peak_rss_mb() -> float:
+    """High-water mark of this process's resident set size, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _log(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Samplers and estimators from a resolved configuration
+
+
+def make_samplers(config: dict):
+    """``(meta-training sampler, meta-test sampler)`` for a resolved configuration.
+
+    The meta-test sampler draws tasks with ``eval_query`` query examples (per class) from held-out
+    data: Omniglot's test characters, new Gaussian clusters (other centres), new sinusoids.
+    """
+    from . import tasks
+
+    ds = config["dataset"]
+    k, q, qe = config["k_shot"], config["n_query"], config["eval_query"]
+    if ds == "sinusoid":
+        return tasks.SinusoidTasks(k, q), tasks.SinusoidTasks(k, qe)
+    if ds == "clusters":
+        n = config["n_way"]
+        return (tasks.GaussianClusterTasks(n, k, q, seed=0),
+                tasks.GaussianClusterTasks(n, k, qe, seed=1))
+    if ds == "omniglot":
+        from .datasets import omniglot_tasks
+
+        n, split = config["n_way"], config["split"]
+        return (omniglot_tasks(n, k, q, split=split, subset="train"),
+                omniglot_tasks(n, k, qe, split=split, subset="test"))
+    raise ValueError(f"dataset must be one of {sorted(_protocols.DATASETS)}, got {ds!r}")
+
+
+def make_estimator(name: str, params: dict):
+    """A fresh estimator of solver ``name`` with ``params``."""
+    from . import SOLVERS
+
+    return SOLVERS[name](**params)
+
+
+def _solver_spec(config: dict, name: str) -> dict:
+    shared = {k: v for k, v in config.items() if k != "solvers"}
+    return {"format": _FORMAT, "solver": name, **shared, "params": config["solvers"][name]}
+
+
+# --------------------------------------------------------------------------------------------------
+# One solver: resume, meta-train in chunks with checkpoints, evaluate, write the result
+
+
+def _evaluate(est, sampler, n_tasks: int, seed: int, progress=None):
+    import torch
+
+    gen = torch.Generator().manual_seed(int(seed))
+    scores, left = [], n_tasks
+    while left > 0:
+        n = min(EVAL_CHUNK, left)
+        scores.extend(est.evaluate(sampler.sample(n, random_state=gen)).scores.tolist())
+        left -= n
+        if progress is not None:
+            progress.update(n)
+    a = np.asarray(scores, dtype=float)
+    ci = 1.96 * a.std(ddof=1) / math.sqrt(a.size) if a.size > 1 else float("nan")
+    return float(a.mean()), float(ci), scores
+
+
+def _update_memory(state: dict, baseline: float) -> None:
+    peak = _peak_rss_mb()
+    state.update(peak_rss_mb=max(state["peak_rss_mb"], peak),
+                 train_rss_mb=max(state["train_rss_mb"], peak - baseline))
+
+
+def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chunks: int | None = None,
+               rss_scope: str = "process") -> dict | None:
+    """Run (or resume) the solver whose ``config.json`` is in ``solver_dir``; return its result.
+
+    Meta-trains in chunks of ``chunk_size`` meta-steps, saving ``checkpoint.joblib`` after each, then
+    evaluates and writes ``history.json`` and ``result.json``. A finished solver (``result.json``
+    present) is not run again. ``max_chunks`` stops after that many chunks and returns ``None``
+    (as an interruption would; used to test resuming).
+    """
+    import joblib
+    import torch
+
+    from .exceptions import DivergenceError
+
+    solver_dir = Path(solver_dir)
+    if (solver_dir / RESULT).exists():
+        return _read_json(solver_dir / RESULT)
+    spec = _read_json(solver_dir / CONFIG)
+    name, total = spec["solver"], spec["params"]["meta_steps"]
+    for stale in solver_dir.glob("*.tmp"):  # left by a process killed while writing
+        stale.unlink()
+    (solver_dir / ERROR).unlink(missing_ok=True)
+    train, test = make_samplers(spec)
+    baseline = _peak_rss_mb()
+    if (solver_dir / CHECKPOINT).exists():
+        state = joblib.load(solver_dir / CHECKPOINT)
+        est = state["estimator"]
+        state["sessions"] += 1
+    else:
+        est = make_estimator(name, spec["params"]).set_params(warm_start=True)
+        state = {"format": _FORMAT, "estimator": est, "sessions": 1, "peak_rss_mb": 0.0,
+                 "train_rss_mb": 0.0, "status": "running"}
+    done = getattr(est, "n_iter_", 0)
+    status = state["status"]
+    bar = None
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=done, desc=f"{name:<11}", unit="step", dynamic_ncols=True)
+    try:
+        chunks = 0
+        while done < total and status == "running":
+            if max_chunks is not None and chunks >= max_chunks:
+                return None
+            est.set_params(meta_steps=min(chunk_size, total - done), warm_start=True)
+            try:
+                est.meta_fit(train)
+            except DivergenceError as err:
+                status = f"diverged at meta-step {err.step}"
+            _update_memory(state, baseline)
+            if est.n_iter_ >= total or status != "running":
+                est.set_params(meta_steps=total, warm_start=False)
+                if status == "running":
+                    status = "ok"
+            state["status"] = status
+            _dump(state, solver_dir / CHECKPOINT)
+            chunks += 1
+            if bar is not None:
+                last = {k: v[-1] for k, v in est.history_.items()}
+                bar.set_postfix({k.replace("_post", ""): f"{last[k]:.3f}" for k in
+                                 ("query_loss_post", "query_acc_post", "train_loss") if k in last},
+                                refresh=False)
+                bar.update(est.n_iter_ - done)
+            done = est.n_iter_
+    finally:
+        if bar is not None:
+            bar.close()
+    if not hasattr(est, "params_"):  # meta_steps=0: set the estimator up without training
+        est.set_params(meta_steps=0, warm_start=False).meta_fit(train)
+    if status == "running":  # meta_steps=0, or a checkpoint saved just before the end
+        status = "ok"
+    _update_memory(state, baseline)  # peak memory of meta-training, before evaluation
+    _write_json(solver_dir / HISTORY, est.history_)
+
+    score, ci, scores, eval_time = None, None, [], None
+    if status == "ok":
+        ebar = None
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            ebar = tqdm(total=spec["eval_tasks"], desc=f"{name:<11} eval", unit="task", leave=False,
+                        dynamic_ncols=True)
+        start = time.perf_counter()
+        try:
+            score, ci, scores = _evaluate(est, test, spec["eval_tasks"], spec["eval_seed"], ebar)
+        finally:
+            if ebar is not None:
+                ebar.close()
+        eval_time = time.perf_counter() - start
+    train_time = est.history_["time"][-1] if est.history_.get("time") else 0.0
+    steps = est.n_iter_
+    result = {
+        "method": name, "type": SOLVER_TYPES.get(name, ""),
+        "metric": "accuracy" if est.task_type_ == "classification" else "neg_mse",
+        "score_mean": score, "score_ci95": ci, "n_eval_tasks": len(scores), "meta_steps": steps,
+        "train_time_s": train_time, "s_per_step": train_time / steps if steps else None,
+        "peak_rss_mb": state["peak_rss_mb"], "train_rss_mb": state["train_rss_mb"],
+        "rss_scope": rss_scope, "eval_time_s": eval_time, "status": status,
+        "sessions": state["sessions"], "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "torch_version": torch.__version__, "scores": scores,
+    }
+    _write_json(solver_dir / RESULT, result)
+    return _read_json(solver_dir / RESULT)
+
+
+def _worker(solver_dir, *, chunk_size: int, quiet: bool, threads: int | None = None) -> int:
+    """Entry of the per-solver subprocess: run, and on failure leave ``error.txt``.
+
+    The thread count comes from the solver's ``config.json`` (``threads``: the command line's, for
+    folders written before it was recorded there).
+    """
+    import torch
+
+    solver_dir = Path(solver_dir)
+    threads = _read_json(solver_dir / CONFIG).get("threads", threads)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        run_solver(solver_dir, chunk_size=chunk_size, quiet=quiet, rss_scope="solver process")
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        _atomic_write(solver_dir / ERROR, lambda f: f.write(traceback.format_exc().encode()))
+        raise
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+
+
+def _status_of(solver_dir: Path, name: str) -> dict:
+    """A table row for a solver without a result: failed, incomplete or not run."""
+    row = {"method": name, "type": SOLVER_TYPES.get(name, "")}
+    if (solver_dir / ERROR).exists():
+        lines = [ln for ln in (solver_dir / ERROR).read_text().splitlines() if ln.strip()]
+        row["status"] = "failed: " + (lines[-1] if lines else "see error.txt")
+    elif (solver_dir / CHECKPOINT).exists():
+        row["status"] = "incomplete (rerun to resume)"
+    else:
+        row["status"] = "not run"
+    return row
+
+
+def load_results(out, solvers=None) -> list[dict]:
+    """The table rows, read from ``out/<solver>/result.json``.
+
+    ``solvers`` lists the rows wanted (default: every solver folder in ``out``, in
+    :data:`fewshot.SOLVERS` order). Solvers without a result get a row with only their status.
+    """
+    from . import SOLVERS
+
+    out = Path(out)
+    if solvers is None:
+        solvers = [n for n in SOLVERS if (out / n / CONFIG).exists()]
+    rows = []
+    for name in solvers:
+        path = out / name / RESULT
+        if path.exists():
+            result = _read_json(path)
+            rows.append({k: result.get(k) for k in TABLE_FIELDS})
+        else:
+            rows.append({k: None for k in TABLE_FIELDS} | _status_of(out / name, name))
+    return rows
+
+
+def _fmt(value, spec: str, none: str = "n/a") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return none
+    return format(value, spec)
+
+
+def _render(headers, lines) -> str:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+              for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt.format(*headers), rule, *(fmt.format(*line) for line in lines)])
+
+
+def format_table(rows) -> str:
+    """The results table as aligned text (accuracy in percent, or negative MSE, with 95% CI)."""
+    metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
+    score_head = "Accuracy (%) +- 95% CI" if metric == "accuracy" else "Neg. MSE +- 95% CI"
+    lines = []
+    for r in rows:
+        if r.get("score_mean") is None:
+            score = r.get("status") or "n/a"
+        elif metric == "accuracy":
+            score = f"{100 * r['score_mean']:.2f} +- {_fmt(r['score_ci95'] and 100 * r['score_ci95'], '.2f')}"
+        else:
+            score = f"{r['score_mean']:.4f} +- {_fmt(r['score_ci95'], '.4f')}"
+        lines.append([r["method"], r.get("type") or "", score, _fmt(r.get("train_time_s"), ".1f"),
+                      _fmt(r.get("s_per_step"), ".4f"), _fmt(r.get("peak_rss_mb"), ".0f"),
+                      str(r.get("meta_steps") if r.get("meta_steps") is not None else "n/a")])
+    return _render(["Method", "Type", score_head, "Train time (s)", "s/step", "Peak RSS (MB)",
+                    "Meta-steps"], lines)
+
+
+def format_fidelity(rows) -> str:
+    """The fidelity table as aligned text."""
+    lines = [[r["method"], r["reference"], str(r["n_tasks"]),
+              f"{_fmt(r['cosine_mean'], '.4f')} +- {_fmt(r['cosine_std'], '.4f')}",
+              (f"{_fmt(r['rel_error_mean'], '.3g')} +- {_fmt(r['rel_error_std'], '.2g')}"
+               if r.get("rel_error_mean") is not None and math.isfinite(r["rel_error_mean"]) else "n/a"),
+              _fmt(r.get("norm_ratio_mean"), ".3g")] for r in rows]
+    return _render(["Method", "Exact reference", "Tasks", "Cosine (mean +- std)",
+                    "Rel. error (mean +- std)", "Norm ratio"], lines)
+
+
+def _write_figures(out: Path, rows) -> list[Path]:
+    from . import plotting
+
+    histories = {}
+    for r in rows:
+        path = out / r["method"] / HISTORY
+        if path.exists():
+            history = _read_json(path)
+            if history:
+                histories[r["method"]] = history
+    written = []
+    if histories:
+        kinds = ["loss"]
+        if any("query_acc_post" in h or "train_acc" in h for h in histories.values()):
+            kinds.append("accuracy")
+        for kind in kinds:
+            fig = plotting.plot_learning_curves(histories, kind=kind)
+            written.append(out / f"curves_{kind}.png")
+            fig.savefig(written[-1], dpi=110)
+    if any(r.get("score_mean") is not None for r in rows):
+        metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
+        label = "meta-test accuracy" if metric == "accuracy" else "meta-test negative MSE"
+        fig = plotting.plot_score_vs_time(rows, score_label=label)
+        written.append(out / "score_vs_time.png")
+        fig.savefig(written[-1], dpi=110)
+    return written
+
+
+def _write_tables(out: Path, rows) -> None:
+    _write_csv(out / "results.csv", rows, TABLE_FIELDS)
+    _write_json(out / "results.json", rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Meta-gradient fidelity
+
+
+def _fidelity(out: Path, config: dict, names, n_tasks: int, force: bool, quiet: bool) -> list[dict]:
+    """Fidelity rows at the meta-parameters reached by the reference solver (MAML if run)."""
+    import joblib
+
+    from .diagnostics import meta_gradient_fidelity
+
+    names = [n for n in names if n != "FineTune"]
+    if not names or n_tasks <= 0:
+        return []
+    finished = [n for n in names if (out / n / CHECKPOINT).exists() and (out / n / RESULT).exists()
+                and _read_json(out / n / RESULT)["status"] == "ok"]
+    ref = "MAML" if "MAML" in finished else (finished[0] if finished else None)
+    settings = {"n_tasks": n_tasks, "solvers": {n: _solver_spec(config, n) for n in names},
+                "params_from": ref,
+                "params_steps": _read_json(out / ref / RESULT)["meta_steps"] if ref else 0}
+    path = out / "fidelity.json"
+    if path.exists() and not force:
+        saved = _read_json(path)
+        if saved.get("settings") == _jsonable(settings):
+            return saved["rows"]
+    where = f"{ref} after {settings['params_steps']} meta-steps" if ref else "initialisation"
+    _log(quiet, f"meta-gradient fidelity: {len(names)} solvers, {n_tasks} tasks, float64, at the "
+                f"meta-parameters of {where}")
+    train, _ = make_samplers(config)
+    prepared = {}
+    for name in names:
+        params = dict(config["solvers"][name], meta_steps=0, dtype="float64", warm_start=False,
+                      verbose=0)
+        prepared[name] = make_estimator(name, params).meta_fit(train)
+    theta = None
+    if ref is not None:
+        theta = joblib.load(out / ref / CHECKPOINT)["estimator"].params_
+    tasks = train.sample(n_tasks, random_state=int(config["eval_seed"]))
+    _write_json(path, {"settings": settings, "rows": meta_gradient_fidelity(prepared, tasks, params=theta)})
+    rows = _read_json(path)["rows"]  # n/a (nan) is null, as in every table file
+    _write_csv(out / "fidelity.csv", rows, FIDELITY_FIELDS)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The comparison
+
+
+def _prepare_dir(solver_dir: Path, spec: dict, force: bool) -> None:
+    """Write the solver's config; refuse to mix results of different settings."""
+    path = solver_dir / CONFIG
+    if force and solver_dir.exists():
+        shutil.rmtree(solver_dir)
+    if path.exists():
+        old = _read_json(path)
+        if "threads" not in old:  # written before the thread count was recorded: not comparable
+            old["threads"] = spec.get("threads")
+        if old != _jsonable(spec):
+            has_state = any((solver_dir / f).exists() for f in (CHECKPOINT, RESULT))
+            if has_state:
+                diff = sorted(k for k in set(old) | set(spec) if old.get(k) != _jsonable(spec).get(k))
+                detail = ", ".join(f"{k}: {old.get(k)!r} -> {_jsonable(spec).get(k)!r}" for k in diff)
+                raise UsageError(f"{solver_dir} holds a run with other settings ({detail}); pass "
+                                 "force=True (--force) to discard it, or choose another out folder")
+    _write_json(path, spec)
+
+
+def _spawn(solver_dir: Path, *, chunk_size, quiet) -> int:
+    import fewshot
+
+    cmd = [sys.executable, "-m", "fewshot", "compare", "--worker", str(solver_dir),
+           "--chunk-size", str(chunk_size)]
+    if quiet:
+        cmd.append("--quiet")
+    env = {**WORKER_ENV, **os.environ}
+    root = str(Path(fewshot.__file__).resolve().parent.parent)  # importable without installing
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "tuned", out=None,
+                   split=None, n_way=None, k_shot=None, n_query=None, eval_query=None,
+                   meta_steps=None, meta_batch_size=None, inner_steps=None, inner_lr=None,
+                   meta_lr=None, eval_tasks=None, device=None, seed=None, set_params=None,
+                   threads: int | None = 2, chunk_size: int = 50, fidelity_tasks: int = 8,
+                   force: bool = False, quiet: bool = False, isolate: bool = True,
+                   table_only: bool = False) -> Comparison:
+    """Run solvers on one task family under one protocol and write the comparison's files.
+
+    Parameters
+    ----------
+    solvers : list of str, optional
+        Names from :data:`fewshot.SOLVERS` (default all seven).
+    dataset : {"sinusoid", "omniglot", "clusters"}
+    protocol : {"tuned", "report"}
+        The settings table (see ``fewshot/_protocols.py`` and ``docs/compare.md``).
+    out : path, optional
+        Output folder; default ``runs/compare-<dataset>-<protocol>``.
+    split, n_way, k_shot, n_query, eval_query, meta_steps, meta_batch_size, inner_steps, inner_lr,
+    meta_lr, eval_tasks, device, seed
+        Override the protocol's values (``None``: keep them). ``n_query`` is the meta-training query
+        size (per class), ``eval_query`` the meta-test one.
+    set_params : dict, optional
+        ``{solver or "*": {parameter: value}}``: any estimator parameter, per solver.
+    threads : int or None
+        ``torch.set_num_threads`` in each solver process (``None``: torch's default). The solver
+        processes run with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set (see :data:`WORKER_ENV`).
+    chunk_size : int
+        Meta-steps between checkpoints.
+    fidelity_tasks : int
+        Tasks of the meta-gradient fidelity table (0 skips it).
+    force : bool
+        Discard existing runs in ``out`` for these solvers and start over.
+    quiet : bool
+        No progress bars or progress lines (the table is still returned and written).
+    isolate : bool
+        Run each solver in its own subprocess (per-solver peak memory; a crash only loses that
+        solver). ``False`` runs them in this process: errors propagate and the reported peak memory
+        is this process's.
+    table_only : bool
+        Run nothing: re-assemble the tables and figures from the files in ``out``.
+
+    Returns
+    -------
+    Comparison
+        ``(out, results, fidelity)``: the output folder and the rows of both tables.
+    """
+    import torch
+
+    from . import SOLVERS
+
+    if table_only:
+        if out is None:
+            raise UsageError("table_only (--table-only) needs the out folder (--out) to read")
+        out = Path(out)
+        rows = load_results(out, solvers) if out.is_dir() else []
+        if not rows:
+            raise UsageError(f"{out} holds no comparison (no <solver>/config.json)")
+        _write_tables(out, rows)
+        _write_figures(out, rows)
+        fid = _read_json(out / "fidelity.json")["rows"] if (out / "fidelity.json").exists() else []
+        return Comparison(out, rows, fid)
+
+    solvers = list(SOLVERS) if solvers is None else list(solvers)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise UsageError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"threads must be a positive integer or None, got {threads!r}")
+    overrides = dict(split=split, n_way=n_way, k_shot=k_shot, n_query=n_query, eval_query=eval_query,
+                     meta_steps=meta_steps, meta_batch_size=meta_batch_size, inner_steps=inner_steps,
+                     inner_lr=inner_lr, meta_lr=meta_lr, eval_tasks=eval_tasks, device=device, seed=seed)
+    out = Path(out) if out is not None else Path("runs") / f"compare-{dataset}-{protocol}"
+    # Check every setting, and every solver's parameters, before running anything.
+    try:
+        config = _protocols.resolve(protocol, dataset, solvers, overrides, set_params)
+        config["threads"] = threads  # part of a run's identity: results depend on it in the last bits
+        for name in solvers:
+            make_estimator(name, config["solvers"][name])._validate_params()
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    out.mkdir(parents=True, exist_ok=True)
+    for name in solvers:
+        _prepare_dir(out / name, _solver_spec(config, name), force)
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        _log(quiet, f"fewshot compare: protocol={protocol} dataset={dataset} solvers={','.join(solvers)} "
+                    f"out={out}")
+        start, ran, failed = time.perf_counter(), 0, []
+        for i, name in enumerate(solvers, 1):
+            solver_dir = out / name
+            tag = f"[{i}/{len(solvers)}] {name}"
+            if (solver_dir / RESULT).exists():
+                _log(quiet, f"{tag}: finished earlier, skipped (force=True / --force reruns it)")
+                continue
+            resumed = (solver_dir / CHECKPOINT).exists()
+            _log(quiet, f"{tag}: {'resuming' if resumed else 'starting'}")
+            if isolate:
+                code = _spawn(solver_dir, chunk_size=chunk_size, quiet=quiet)
+                if code in (130, -2):
+                    raise KeyboardInterrupt
+                if code != 0:
+                    failed.append(name)
+                    _log(quiet, f"{tag}: failed (exit code {code}; see {solver_dir / ERROR})")
+                    continue
+            else:
+                run_solver(solver_dir, chunk_size=chunk_size, quiet=quiet)
+            ran += 1
+            elapsed = time.perf_counter() - start
+            left = sum(1 for n in solvers[i:] if not (out / n / RESULT).exists())
+            result = _read_json(solver_dir / RESULT)
+            eta = f", about {_duration(elapsed / ran * left)} left" if left else ""
+            _log(quiet, f"{tag}: {result['status']}, {result['train_time_s']:.1f}s of meta-training "
+                        f"(elapsed {_duration(elapsed)}{eta})")
+
+        rows = load_results(out, solvers)
+        _write_tables(out, rows)
+        _write_figures(out, rows)
+        # One thread: small float64 problems one task at a time, in this process, whose OpenMP
+        # threads spin (WORKER_ENV cannot apply to a process already running).
+        torch.set_num_threads(1)
+        fid = _fidelity(out, config, solvers, fidelity_tasks, force, quiet)
+    finally:
+        torch.set_num_threads(old_threads)
+    return Comparison(out, rows, fid)

@@ -1,0 +1,298 @@
+"""`fewshot compare` end to end: tables, files, figures, resuming, protocols, the command line."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import fewshot
+from fewshot import _compare, _protocols
+from fewshot.__main__ import main
+from fewshot.compare import UsageError, format_table, load_results, run_comparison
+from fewshot.plotting import moving_average, plot_learning_curves, plot_score_vs_time
+
+TINY = ["--dataset", "clusters", "--n-way", "3", "--n-query", "2", "--eval-query", "3",
+        "--meta-steps", "4", "--meta-batch-size", "2", "--inner-steps", "1", "--eval-tasks", "6",
+        "--chunk-size", "2", "--fidelity-tasks", "2", "--seed", "0"]
+
+
+def run_cli(args, cwd, timeout=170):
+    return subprocess.run([sys.executable, "-m", "fewshot", "compare", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=timeout, check=False)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def same_number(text, value):
+    if value is None:
+        return text == ""
+    return float(text) == value if isinstance(value, float) else text == str(value)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One comparison by the command line, in subprocesses, then the same command again."""
+    cwd = tmp_path_factory.mktemp("cli")
+    args = ["--solvers", "MAML,FOMAML,FineTune", "--out", "out", *TINY]
+    first = run_cli([*args, "--quiet"], cwd)
+    assert first.returncode == 0, first.stderr
+    out = cwd / "out"
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    second = run_cli(args, cwd)
+    return out, first, second, stamps
+
+
+def test_cli_writes_consistent_table_files_and_figures(cli_run):
+    out, first, _, _ = cli_run
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["MAML", "FOMAML", "FineTune"]
+    assert [r["type"] for r in rows] == ["Explicit 2nd-Order", "1st-Order", "Non-Meta"]
+    csv_rows = read_csv(out / "results.csv")
+    assert list(csv_rows[0]) == list(_compare.TABLE_FIELDS)
+    for row, csv_row in zip(rows, csv_rows, strict=True):
+        result = json.loads((out / row["method"] / "result.json").read_text())
+        assert result["status"] == "ok" and result["metric"] == "accuracy"
+        assert result["meta_steps"] == 4 and result["n_eval_tasks"] == 6 == len(result["scores"])
+        assert result["score_mean"] == pytest.approx(np.mean(result["scores"]), abs=1e-12)
+        assert 0 <= result["score_mean"] <= 1 and result["peak_rss_mb"] > 10
+        assert result["rss_scope"] == "solver process" and result["threads"] == 2
+        assert result["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+        assert result["s_per_step"] == pytest.approx(result["train_time_s"] / 4)
+        for key in _compare.TABLE_FIELDS:
+            assert row[key] == result[key], key
+            assert same_number(csv_row[key], result[key]), key
+        # the printed table shows the same numbers
+        assert f"{100 * result['score_mean']:.2f} +- {100 * result['score_ci95']:.2f}" in first.stdout
+        history = json.loads((out / row["method"] / "history.json").read_text())
+        assert all(len(v) == 4 for v in history.values())
+    for name in ("curves_loss.png", "curves_accuracy.png", "score_vs_time.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+    fidelity = json.loads((out / "fidelity.json").read_text())["rows"]
+    assert [(r["method"], r["reference"]) for r in fidelity] == [("MAML", "unrolled"), ("FOMAML", "unrolled")]
+    assert fidelity[0]["cosine_mean"] == pytest.approx(1.0, abs=1e-9)
+    assert [r["method"] for r in read_csv(out / "fidelity.csv")] == ["MAML", "FOMAML"]
+    assert "Meta-gradient fidelity" in first.stdout and first.stderr == ""  # --quiet
+
+
+def test_cli_second_run_skips_finished_solvers_and_reproduces_the_table(cli_run):
+    out, first, second, stamps = cli_run
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.count("finished earlier, skipped") == 3
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == stamps
+    assert second.stdout == first.stdout
+
+
+def test_table_only_reassembles_the_same_table(cli_run, tmp_path):
+    out, _, _, _ = cli_run
+    before = json.loads((out / "results.json").read_text())
+    (out / "results.json").unlink()
+    (out / "score_vs_time.png").unlink()
+    assert main(["compare", "--table-only", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text()) == before
+    assert (out / "score_vs_time.png").stat().st_size > 0
+    result = run_comparison(out=out, table_only=True)
+    assert result.results == before and len(result.fidelity) == 2
+    with pytest.raises(UsageError, match="holds no comparison"):
+        run_comparison(out=tmp_path / "nothing", table_only=True)
+
+
+def test_python_entry_in_process(tmp_path):
+    result = run_comparison(["MAML", "Reptile"], dataset="sinusoid", meta_steps=3, meta_batch_size=2,
+                            inner_steps=1, eval_tasks=4, fidelity_tasks=2, out=tmp_path, quiet=True,
+                            isolate=False, chunk_size=2, threads=1)
+    assert result.out == tmp_path
+    assert result.results == json.loads((tmp_path / "results.json").read_text())
+    assert [r["metric"] for r in result.results] == ["neg_mse", "neg_mse"]
+    assert all(r["score_mean"] < 0 and r["status"] == "ok" for r in result.results)
+    assert not (tmp_path / "curves_accuracy.png").exists()  # regression: no accuracy curves
+    reptile = next(r for r in result.fidelity if r["method"] == "Reptile")
+    assert reptile["reference"] == "unrolled" and reptile["rel_error_mean"] is None  # n/a (JSON null)
+    assert -1 <= reptile["cosine_mean"] <= 1
+    assert "Neg. MSE" in format_table(result.results)
+
+
+def solver_dir(tmp_path, name, **overrides):
+    config = _protocols.resolve("tuned", "sinusoid", [name], dict(meta_batch_size=2, inner_steps=1,
+                                                                  eval_tasks=3, **overrides))
+    path = tmp_path / name
+    _compare._prepare_dir(path, _compare._solver_spec(config, name), force=False)
+    return path, config
+
+
+def load_estimator(path):
+    import joblib
+
+    return joblib.load(path / "checkpoint.joblib")["estimator"]
+
+
+def assert_same_training(a, b):
+    assert a.n_iter_ == b.n_iter_
+    for k in a.params_:
+        assert torch.equal(a.params_[k], b.params_[k]), k
+    assert {k: v for k, v in a.history_.items() if k != "time"} == \
+        {k: v for k, v in b.history_.items() if k != "time"}
+
+
+def test_interrupted_solver_resumes_bit_identically(tmp_path):
+    interrupted, config = solver_dir(tmp_path / "a", "IMAML", meta_steps=7)
+    assert _compare.run_solver(interrupted, chunk_size=3, max_chunks=1, quiet=True) is None
+    assert load_estimator(interrupted).n_iter_ == 3 and not (interrupted / "result.json").exists()
+    assert sorted(p.name for p in interrupted.iterdir()) == ["checkpoint.joblib", "config.json"]
+    resumed = _compare.run_solver(interrupted, chunk_size=3, quiet=True)
+    assert resumed["sessions"] == 2 and resumed["meta_steps"] == 7
+
+    straight_dir, _ = solver_dir(tmp_path / "b", "IMAML", meta_steps=7)
+    straight = _compare.run_solver(straight_dir, chunk_size=100, quiet=True)
+    assert resumed["scores"] == straight["scores"]
+    assert_same_training(load_estimator(interrupted), load_estimator(straight_dir))
+    # ... and equal to one plain meta_fit call with the same parameters
+    train, _ = _compare.make_samplers(config)
+    plain = fewshot.IMAML(**config["solvers"]["IMAML"]).meta_fit(train)
+    assert_same_training(load_estimator(interrupted), plain)
+    assert load_estimator(interrupted).get_params() == plain.get_params()
+
+
+def test_killed_comparison_resumes_where_it_stopped(tmp_path):
+    args = ["--solvers", "FOMAML", "--meta-steps", "80", "--meta-batch-size", "2", "--inner-steps", "1",
+            "--eval-tasks", "3", "--chunk-size", "4", "--fidelity-tasks", "0", "--threads", "1",
+            "--quiet", "--in-process", "--out", "out"]
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot", "compare", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = tmp_path / "out" / "FOMAML" / "checkpoint.joblib"
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists():
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no checkpoint written in time"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    done = load_estimator(checkpoint.parent).n_iter_
+    assert 0 < done < 80 and done % 4 == 0
+    assert main(["compare", *args[:-3], "--in-process", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((checkpoint.parent / "result.json").read_text())
+    assert result["sessions"] == 2 and result["meta_steps"] == 80
+    config = _protocols.resolve("tuned", "sinusoid", ["FOMAML"],
+                                dict(meta_steps=80, meta_batch_size=2, inner_steps=1))
+    plain = fewshot.FOMAML(**config["solvers"]["FOMAML"]).meta_fit(_compare.make_samplers(config)[0])
+    assert_same_training(load_estimator(checkpoint.parent), plain)
+
+
+def test_changed_settings_are_refused_unless_forced(tmp_path):
+    kw = dict(dataset="sinusoid", meta_batch_size=2, inner_steps=1, eval_tasks=3, fidelity_tasks=0,
+              out=tmp_path, quiet=True, isolate=False, threads=1)
+    run_comparison(["FOMAML"], meta_steps=2, **kw)
+    with pytest.raises(UsageError, match="meta_steps"):
+        run_comparison(["FOMAML"], meta_steps=3, **kw)
+    result = run_comparison(["FOMAML"], meta_steps=3, force=True, **kw)
+    assert result.results[0]["meta_steps"] == 3
+
+
+def test_divergence_is_a_row_not_a_crash(tmp_path):
+    result = run_comparison(["FOMAML", "FineTune"], dataset="sinusoid", meta_steps=6, meta_batch_size=2,
+                            inner_steps=3, set_params={"FOMAML": {"inner_lr": 1e4}}, eval_tasks=3,
+                            fidelity_tasks=0, out=tmp_path, quiet=True, isolate=False, threads=1)
+    fomaml, finetune = result.results
+    assert fomaml["status"].startswith("diverged at meta-step") and fomaml["score_mean"] is None
+    assert finetune["status"] == "ok"
+    assert "diverged at meta-step" in format_table(result.results)
+    assert (tmp_path / "score_vs_time.png").stat().st_size > 0
+
+
+def test_crashing_solver_does_not_stop_the_others(tmp_path):
+    res = run_cli(["--dataset", "sinusoid", "--solvers", "Reptile,FineTune", "--set", "Reptile.model=conv4",
+                   "--meta-steps", "2", "--eval-tasks", "2", "--fidelity-tasks", "0", "--quiet",
+                   "--out", "out"], tmp_path)
+    assert res.returncode == 1
+    assert "conv4" in (tmp_path / "out" / "Reptile" / "error.txt").read_text()
+    rows = load_results(tmp_path / "out")
+    assert rows[0]["method"] == "Reptile" and rows[0]["status"].startswith("failed: ValueError")
+    assert rows[1]["status"] == "ok"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--solvers", "MAML,Nope"], "unknown solver"),
+    (["--dataset", "sinusoid", "--split", "lake"], "split does not apply"),
+    (["--set", "MAML.no_such=1"], "no parameter 'no_such'"),
+    (["--inner-lr", "-1"], "inner_lr must be > 0"),
+])
+def test_cli_rejects_bad_options(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", *argv, "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_report_protocol_is_table_1():
+    config = _protocols.resolve("report", "omniglot", list(fewshot.SOLVERS))
+    assert (config["n_way"], config["k_shot"], config["n_query"], config["eval_query"],
+            config["eval_tasks"], config["split"]) == (5, 1, 15, 15, 600, "vinyals")
+    s = config["solvers"]
+    for name in ("MAML", "FOMAML", "Reptile", "IMAML", "NeumannMAML", "PenaltyMAML"):
+        p = s[name]
+        assert (p["inner_lr"], p["inner_steps"], p["meta_lr"], p["meta_batch_size"], p["meta_steps"],
+                p["meta_optimizer"]) == (0.01, 5, 1e-3, 16, 2000, "adam"), name
+    assert (s["NeumannMAML"]["neumann_terms"], s["NeumannMAML"]["neumann_lr"]) == (4, 1.0)
+    assert (s["IMAML"]["lam"], s["IMAML"]["cg_steps"]) == (1.0, 5)
+    assert s["PenaltyMAML"]["penalty"] == 0.1 and s["Reptile"]["outer_stepsize"] == 1e-3
+    assert s["FineTune"] == dict(meta_steps=2000, meta_lr=1e-3, meta_optimizer="adam", batch_size=64,
+                                 inner_steps=100, inner_lr=0.1, device="auto", random_state=0)
+    for name, params in s.items():  # every value is a valid parameter of its estimator
+        fewshot.SOLVERS[name](**params)._validate_params()
+
+
+def test_tuned_protocol_precedence_and_overrides():
+    # The tuned numbers will change; the order in which the table's parts apply must not.
+    table = _protocols.PROTOCOLS["tuned"]
+    config = _protocols.resolve("tuned", "omniglot", ["MAML", "IMAML", "Reptile", "FineTune"])
+    amended = table["datasets"]["omniglot"]["shared"]
+    assert config["n_query"] == amended.get("n_query", table["shared"]["n_query"])
+    assert config["eval_query"] == 15
+    s = config["solvers"]
+    assert (s["MAML"]["inner_lr"], s["MAML"]["adapt_steps"]) == (table["shared"]["inner_lr"],
+                                                                 table["shared"]["adapt_steps"])
+    for key, value in table["solvers"]["IMAML"].items():
+        assert s["IMAML"][key] == value, key
+    sinusoid = _protocols.resolve("tuned", "sinusoid", ["IMAML"])["solvers"]["IMAML"]
+    assert sinusoid["lam"] == table["datasets"]["sinusoid"]["solvers"]["IMAML"]["lam"]
+    assert sinusoid["inner_lr"] == table["datasets"]["sinusoid"]["shared"]["inner_lr"]
+    over = _protocols.resolve("tuned", "omniglot", ["IMAML", "Reptile", "FineTune"],
+                              dict(inner_steps=3, inner_lr=0.1, meta_lr=0.01, meta_steps=7, seed=5),
+                              {"*": {"adapt_steps": 4}, "IMAML": {"lam": 2.0}})
+    s = over["solvers"]
+    assert (s["IMAML"]["inner_steps"], s["IMAML"]["inner_lr"], s["IMAML"]["lam"]) == (3, 0.1, 2.0)
+    assert s["Reptile"]["outer_stepsize"] == 0.01 and s["Reptile"]["meta_lr"] == 0.01
+    # FineTune's inner settings fit its head: shared inner options leave them alone
+    finetune = s["FineTune"]
+    assert (finetune["inner_steps"], finetune["inner_lr"], finetune["meta_steps"]) == (100, 0.1, 7)
+    assert all(p["random_state"] == 5 and p["adapt_steps"] == 4 for p in s.values())
+
+
+def test_moving_average_and_figures():
+    np.testing.assert_allclose(moving_average([1, 2, 3, 4, 5], 2), [1, 1.5, 2.5, 3.5, 4.5])
+    np.testing.assert_allclose(moving_average([3.0, 1.0], 1), [3.0, 1.0])
+    with pytest.raises(ValueError, match="window"):
+        moving_average([1.0], 0)
+    histories = {"A": {"support_loss_pre": [3, 2, 1], "query_loss_post": [2, 1, 0.5]},
+                 "B": {"train_loss": [1, 0.5]}}
+    fig = plot_learning_curves(histories, kind="loss", window=2)
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ["A", "B"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["Train pre", "Test post"]
+    fig = plot_score_vs_time([{"method": "A", "score_mean": 0.5, "score_ci95": 0.1, "train_time_s": 3.0},
+                              {"method": "B", "score_mean": None, "status": "diverged at meta-step 2"}])
+    assert len(fig.axes) == 2
