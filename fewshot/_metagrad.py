@@ -60,7 +60,10 @@ def task_stats(task_loss: TaskLoss, theta: Params, phi: Params, task, support_pr
         parts += [("query_pre", task_loss.evaluate(theta, xq, yq)),
                   ("support_post", task_loss.evaluate(phi, xs, ys))]
     stats = {}
-    for name, (loss, metric) in parts:
+    for name, pair in parts:
+        if pair is None:
+            continue
+        loss, metric = pair
         where, when = name.split("_")
         stats[f"{where}_loss_{when}"] = loss
         if task_loss.metric is not None:
@@ -143,7 +146,8 @@ class ReptileRule:
         xq, yq = task.query
         phi, support_pre, _ = inner_loop(task_loss, theta, xs, ys, lr=self.lr, steps=self.steps)
         g = {k: theta[k] - phi[k] for k in theta}
-        query_post = task_loss.evaluate(phi, xq, yq)
+        # The update never looks at the query set; with full_stats=False it is not evaluated at all.
+        query_post = task_loss.evaluate(phi, xq, yq) if self.full_stats else None
         return g, task_stats(task_loss, theta, phi, task, support_pre, query_post, self.full_stats)
 
 

@@ -3,6 +3,8 @@ per-task autograd implementation, for a network with BatchNorm (batch statistics
 
 import functools
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -191,12 +193,27 @@ def test_fast_pooling_conv4_matches_textbook_conv4(image_size):
 
 @pytest.mark.parametrize("name", ["MAML", "FOMAML", "IMAML", "NeumannMAML", "PenaltyMAML", "Reptile"])
 def test_task_threads_give_the_same_meta_gradients(name):
+    """The threaded path (per-thread module copies, reverse-over-reverse Hessian-vector products)
+    against the sequential one, on a network with batch-statistics BatchNorm, in float64."""
     import fewshot
+    from fewshot.tasks import LabeledSet, TaskBatch
 
-    sampler = GaussianClusterTasks(n_way=3, k_shot=2, n_query=2, n_features=16, n_classes=12)
-    est = getattr(fewshot, name)(model="mlp",
-                                 meta_steps=2, meta_batch_size=6, inner_steps=2, dtype="float64", random_state=0)
-    one = est.set_params(task_threads=1).meta_fit(sampler).params_
-    two = est.set_params(task_threads=3).meta_fit(sampler).params_
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], rtol=1e-12, atol=1e-14)
+    class Images(GaussianClusterTasks):
+        def _sample(self, n, gen):
+            b = super()._sample(n, gen)
+            as_images = lambda s: LabeledSet(s.x.reshape(n, -1, 1, 16, 16), s.y)
+            return TaskBatch(as_images(b.support), as_images(b.query))
+
+    sampler = Images(n_way=3, k_shot=2, n_query=2, n_features=256, n_classes=12)
+    sampler.input_shape = (1, 16, 16)
+    model = init_parameters(Conv4(in_channels=1, n_outputs=3, hidden=4, image_size=16),
+                            torch.Generator().manual_seed(0))
+    est = getattr(fewshot, name)(model=model, meta_steps=2, meta_batch_size=6, inner_steps=2,
+                                 dtype="float64", random_state=0)
+    one = est.set_params(task_threads=1).meta_fit(sampler)
+    two = fewshot.SOLVERS[name](**est.get_params()).set_params(task_threads=3).meta_fit(sampler)
+    for k in one.params_:
+        torch.testing.assert_close(one.params_[k], two.params_[k], rtol=1e-8, atol=1e-10)
+    for k in one.history_:
+        if k != "time":
+            np.testing.assert_allclose(one.history_[k], two.history_[k], rtol=1e-8, atol=1e-10)

@@ -167,3 +167,28 @@ def test_bad_sampler_output_is_named(cls, mode, error, match):
     est = cls(meta_steps=2, meta_batch_size=2, inner_steps=1, random_state=0)
     with pytest.raises(error, match=match):
         est.meta_fit(BadSampler(mode))
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 4), st.floats(allow_nan=True, allow_infinity=True),
+                   st.sampled_from(["auto", "bogus", "", "float64"]))
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(["inner_lr", "inner_steps", "meta_lr", "meta_steps", "adapt_steps", "grad_clip",
+                             "meta_optimizer", "loss", "model", "dtype", "task_threads", "transductive"]),
+       value=VALUES)
+def test_fuzz_hyperparameters_work_or_name_the_parameter(cls, name, value):
+    sampler = GaussianClusterTasks(n_way=3, k_shot=2, n_query=2, n_features=4, n_classes=12)
+    base = dict(meta_steps=1, random_state=0, **({} if cls is fewshot.FineTune else dict(meta_batch_size=2, inner_steps=1)))
+    est = cls(**base).set_params(**{name: value})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SolverWarning)
+            est.meta_fit(sampler)
+    except (ValueError, TypeError) as exc:
+        assert name in str(exc), f"{name}={value!r}: {exc}"
+        return
+    except DivergenceError:
+        return  # a legal but unstable setting (e.g. a huge step) stops loudly
+    assert all(torch.isfinite(p).all() for p in est.params_.values())
