@@ -181,11 +181,13 @@ class MetaLearner(BaseEstimator):
 
     # ------------------------------------------------------------------ validation and setup
     def _validate_params(self):
-        check_number("inner_lr", self.inner_lr, low=0, low_open=True, allow=("auto",))
+        # Step sizes above 1e6 are certainly mistakes, and beyond float32's range they crash inside
+        # the optimizer instead of diverging visibly.
+        check_number("inner_lr", self.inner_lr, low=0, low_open=True, high=1e6, allow=("auto",))
         check_number("inner_steps", self.inner_steps, low=self._min_inner_steps, integer=True)
         if self.adapt_steps is not None:
             check_number("adapt_steps", self.adapt_steps, low=0, integer=True)
-        check_number("meta_lr", self.meta_lr, low=0, low_open=True)
+        check_number("meta_lr", self.meta_lr, low=0, low_open=True, high=1e6)
         if "meta_batch_size" in self.get_params(deep=False):
             check_number("meta_batch_size", self.meta_batch_size, low=1, integer=True)
         check_number("meta_steps", self.meta_steps, low=0, integer=True)

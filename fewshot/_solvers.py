@@ -87,6 +87,7 @@ def _doc(cls):
 
 
 _positive = functools.partial(check_number, low=0, low_open=True)
+_step_size = functools.partial(check_number, low=0, low_open=True, high=1e6)
 _non_negative = functools.partial(check_number, low=0)
 _count = functools.partial(check_number, low=1, integer=True)
 
@@ -180,7 +181,7 @@ class Reptile(MetaLearner):
     """
 
     __init__ = estimator_init(**COMMON_PARAMS, outer_stepsize=None)
-    _extra_checks = {"outer_stepsize": lambda n, v: v is None or _positive(n, v)}
+    _extra_checks = {"outer_stepsize": lambda n, v: v is None or _step_size(n, v)}
 
     def _outer_lr(self):
         return self.meta_lr if self.outer_stepsize is None else self.outer_stepsize

@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fewshot
@@ -178,6 +178,7 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 4), st.floats(allow
 @given(name=st.sampled_from(["inner_lr", "inner_steps", "meta_lr", "meta_steps", "adapt_steps", "grad_clip",
                              "meta_optimizer", "loss", "model", "dtype", "task_threads", "transductive"]),
        value=VALUES)
+@example(name="meta_lr", value=3.402823466385288e+37)  # once crashed inside Adam (float32 overflow)
 def test_fuzz_hyperparameters_work_or_name_the_parameter(cls, name, value):
     sampler = GaussianClusterTasks(n_way=3, k_shot=2, n_query=2, n_features=4, n_classes=12)
     base = dict(meta_steps=1, random_state=0, **({} if cls is fewshot.FineTune else dict(meta_batch_size=2, inner_steps=1)))
