@@ -60,15 +60,18 @@ def cg(matvec: Callable, b: Vector, *, maxiter: int = 10, tol: float | None = 1e
     ``torch.func.vmap``; a direction with non-positive curvature then contributes a zero step).
 
     A direction ``p`` with ``p^T M p <= 0`` means ``M`` is not positive definite along ``p``: CG stops
-    and returns the current iterate with ``negative_curvature=True`` (with ``tol=None`` the step is
-    zeroed instead). Starting from ``init`` (default zero) the result is never further from the
-    start than the last iterate with positive curvature.
+    there with ``negative_curvature=True`` (with ``tol=None`` the step is zeroed instead). On an
+    indefinite or badly conditioned ``M`` an iterate can also be far worse than the start (a step
+    along a direction of tiny positive curvature is huge), so with ``tol`` set the iterate with the
+    smallest residual is returned, ``init`` (default zero) included. For positive definite ``M``
+    solved to tolerance that is the last iterate.
     """
     x = tree_zeros_like(b) if init is None else init
     r = b if init is None else tree_axpy(-1.0, matvec(x), b)
     p = r
     rs = tree_dot(r, r)
     b_norm = tree_norm(b)
+    best_x, best_rs = x, rs
     n_iter, negative = 0, False
     for _ in range(maxiter):
         if tol is not None and bool(torch.sqrt(rs) <= tol * b_norm):
@@ -90,7 +93,11 @@ def cg(matvec: Callable, b: Vector, *, maxiter: int = 10, tol: float | None = 1e
         p = tree_axpy(beta, p, r)
         rs = rs_new
         n_iter += 1
-    return SolveResult(x, n_iter, torch.sqrt(rs), negative)
+        if tol is not None and bool(rs < best_rs):
+            best_x, best_rs = x, rs
+    if tol is None:
+        best_x, best_rs = x, rs
+    return SolveResult(best_x, n_iter, torch.sqrt(best_rs), negative)
 
 
 def neumann(matvec: Callable, b: Vector, *, maxiter: int = 4, tol: float | None = None,

@@ -200,3 +200,14 @@ def test_neumann_stop_on_growth_returns_the_best_partial_sum():
     converging = linalg.neumann(lambda v: M @ v, b, maxiter=6, lr=0.3, stop_on_growth=True)
     torch.testing.assert_close(converging.x, linalg.neumann(lambda v: M @ v, b, maxiter=6, lr=0.3).x)
     assert not converging.diverged
+
+
+def test_cg_on_an_indefinite_system_never_returns_worse_than_its_start():
+    M = torch.diag(torch.tensor([1.0, 1e-6, -1.0], dtype=DT))
+    M = M + 1e-3 * torch.ones(3, 3, dtype=DT)  # symmetric, indefinite, one tiny positive direction
+    b = torch.tensor([1.0, 1.0, 1.0], dtype=DT)
+    start = b.clone()
+    result = linalg.cg(lambda v: M @ v, b, maxiter=10, init=start)
+    start_residual = torch.linalg.vector_norm(b - M @ start)
+    assert result.residual <= start_residual
+    torch.testing.assert_close(result.residual, torch.linalg.vector_norm(b - M @ result.x))
