@@ -399,8 +399,8 @@ class MetaLearner(BaseEstimator):
 
     def _warn_about_solves(self, first_step: int):
         """One :class:`~fewshot.exceptions.SolverWarning` per fit when implicit solves misbehaved
-        (the steps stay finite: CG stops before a direction of non-positive curvature and keeps its
-        last iterate; a Neumann series that diverges is reported, not repaired)."""
+        (the steps stay finite: CG stops at a direction of non-positive curvature and returns its
+        smallest-residual iterate; a diverging Neumann series is cut at its best partial sum)."""
         h = self.history_
         negative = sum(1 for v in h.get("negative_curvature", [])[first_step:] if v > 0)
         diverged = sum(1 for v in h.get("solve_diverged", [])[first_step:] if v > 0)
@@ -408,8 +408,9 @@ class MetaLearner(BaseEstimator):
         if negative:
             warnings.warn(
                 f"{type(self).__name__}: conjugate gradient met non-positive curvature of I + H/lam "
-                f"in {negative} of {steps} meta-steps (the Hessian has eigenvalues below -lam) and "
-                "stopped at its last iterate there; increase lam to make the system positive definite.",
+                f"in {negative} of {steps} meta-steps (for at least one task; the Hessian has eigenvalues "
+                "below -lam) and returned its smallest-residual iterate there; increase lam to make the "
+                "system positive definite.",
                 SolverWarning, stacklevel=3)
         if diverged:
             warnings.warn(

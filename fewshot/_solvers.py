@@ -203,7 +203,8 @@ class IMAML(MetaLearner):
     through the inner loop, so memory does not grow with ``inner_steps``.
 
     CG needs ``I + H/lam`` positive definite, true when ``lam > -lambda_min(H)``; on a direction of
-    non-positive curvature CG stops at its last iterate (counted in ``history_["negative_curvature"]``).
+    non-positive curvature CG stops and returns its smallest-residual iterate, never worse than its
+    start (the fraction of such tasks is ``history_["negative_curvature"]``).
     ``history_`` also holds ``solve_iters`` and ``solve_residual`` (``||b - M x|| / ||b||``).
 
     Parameters
