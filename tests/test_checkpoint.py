@@ -12,6 +12,7 @@ import torch
 
 import fewshot
 from fewshot.tasks import GaussianClusterTasks, SinusoidTasks
+from _util import sigkill_once_written
 
 FAST = dict(meta_steps=5, inner_steps=2, random_state=0)
 
@@ -101,17 +102,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     script.write_text(KILLED.format(params=repr(params), default_dtype=torch.get_default_dtype()))
     proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not path.exists():
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "no checkpoint written in time"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    sigkill_once_written(proc, path)
     assert proc.returncode == -signal.SIGKILL
     written = torch.load(path, weights_only=True)["n_iter"]
     assert 0 < written < params["meta_steps"] and written % 3 == 0

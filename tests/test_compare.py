@@ -3,10 +3,8 @@
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from fewshot import _compare, _protocols
 from fewshot.__main__ import main
 from fewshot.compare import UsageError, format_table, load_results, run_comparison
 from fewshot.plotting import moving_average, plot_learning_curves, plot_score_vs_time
+from _util import sigkill_once_written
 
 TINY = ["--dataset", "clusters", "--n-way", "3", "--n-query", "2", "--eval-query", "3",
         "--meta-steps", "4", "--meta-batch-size", "2", "--inner-steps", "1", "--eval-tasks", "6",
@@ -170,17 +169,7 @@ def test_killed_comparison_resumes_where_it_stopped(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fewshot", "compare", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = tmp_path / "out" / "FOMAML" / "checkpoint.joblib"
-    try:
-        deadline = time.monotonic() + 120
-        while not checkpoint.exists():
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "no checkpoint written in time"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    sigkill_once_written(proc, checkpoint)
     done = load_estimator(checkpoint.parent).n_iter_
     assert 0 < done < 80 and done % 4 == 0
     assert main(["compare", *args[:-3], "--in-process", "--out", str(tmp_path / "out")]) == 0
