@@ -207,6 +207,11 @@ class IMAML(MetaLearner):
     start (the fraction of such tasks is ``history_["negative_curvature"]``).
     ``history_`` also holds ``solve_iters`` and ``solve_residual`` (``||b - M x|| / ||b||``).
 
+    The proximal inner loop is gradient descent on ``Ls + lam/2 ||phi - theta||^2``, stable only for
+    ``inner_lr < 2 / (lam + curvature of Ls)``: on Omniglot (Conv4) MAML's step 0.4 made it
+    oscillate (the support loss rose during adaptation), so ``fewshot compare`` uses ``lam=2``, 16
+    steps of 0.1 there (see ``docs/results.md``).
+
     Parameters
     ----------
     {common}
