@@ -556,7 +556,10 @@ class MetaLearner(BaseEstimator):
         device, dtype = self._device_dtype()
         support = check_labeled_set(support, input_shape=self.input_shape_, task_type=self.task_type_,
                                     n_outputs=self.n_outputs_, name="support", require_all_classes=True)
-        support = support.to(device, dtype)
+        return self._adapted(support.to(device, dtype), device, dtype)
+
+    def _adapted(self, support, device, dtype) -> AdaptedModel:
+        """Adapt to a support set already validated and on the estimator's device and dtype."""
         params = self._adapt_params(support)
         return AdaptedModel(self.fmodel_, params, task_type=self.task_type_, n_outputs=self.n_outputs_,
                             input_shape=self.input_shape_, support=support, transductive=self.transductive,
@@ -575,11 +578,11 @@ class MetaLearner(BaseEstimator):
             tasks = tasks.sample(n_tasks, random_state=random_state)
         batch = as_task_batch(tasks)
         device, dtype = self._device_dtype()
-        self._check_batch(batch.to(device, dtype), name="tasks")
+        batch = batch.to(device, dtype)
+        self._check_batch(batch, name="tasks")  # validated once, for every task
         scores = []
         for task in batch:
-            task = task.to(device, dtype)
-            adapted = self.adapt(task.support)
+            adapted = self._adapted(task.support, device, dtype)
             scores.append(adapted.score(task.query.x, task.query.y))
         mean, ci = confidence_interval(scores)
         return Evaluation(mean, ci, np.asarray(scores))
