@@ -254,6 +254,8 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
                  "train_rss_mb": 0.0, "status": "running"}
     done = getattr(est, "n_iter_", 0)
     status = state["status"]
+    if status == "ok" and done < total:  # a finished run asked for more meta-steps: continue it
+        status = "running"
     bar = None
     if not quiet:
         from tqdm.auto import tqdm
@@ -511,6 +513,15 @@ def _fidelity(out: Path, config: dict, names, n_tasks: int, force: bool, quiet: 
 # The comparison
 
 
+def _is_extension(old: dict, new: dict) -> bool:
+    """Whether ``new`` asks for the run ``old`` with more meta-steps and nothing else changed."""
+    old_steps, new_steps = old["params"].get("meta_steps"), new["params"].get("meta_steps")
+    if not (isinstance(old_steps, int) and isinstance(new_steps, int) and new_steps > old_steps):
+        return False
+    strip = lambda spec: {**spec, "params": {k: v for k, v in spec["params"].items() if k != "meta_steps"}}
+    return strip(old) == strip(new)
+
+
 def _prepare_dir(solver_dir: Path, spec: dict, force: bool) -> None:
     """Write the solver's config; refuse to mix results of different settings."""
     path = solver_dir / CONFIG
@@ -522,7 +533,11 @@ def _prepare_dir(solver_dir: Path, spec: dict, force: bool) -> None:
             old["threads"] = spec.get("threads")
         if old != _jsonable(spec):
             has_state = any((solver_dir / f).exists() for f in (CHECKPOINT, RESULT))
-            if has_state:
+            if has_state and _is_extension(old, _jsonable(spec)) and (solver_dir / CHECKPOINT).exists():
+                # more meta-steps, nothing else changed: continue the run from its last checkpoint
+                # (bit for bit the run a single invocation with the larger meta_steps makes)
+                (solver_dir / RESULT).unlink(missing_ok=True)
+            elif has_state:
                 diff = sorted(k for k in set(old) | set(spec) if old.get(k) != _jsonable(spec).get(k))
                 detail = ", ".join(f"{k}: {old.get(k)!r} -> {_jsonable(spec).get(k)!r}" for k in diff)
                 raise UsageError(f"{solver_dir} holds a run with other settings ({detail}); pass "

@@ -184,11 +184,25 @@ def test_killed_comparison_resumes_where_it_stopped(tmp_path):
 def test_changed_settings_are_refused_unless_forced(tmp_path):
     kw = dict(dataset="sinusoid", meta_batch_size=2, inner_steps=1, eval_tasks=3, fidelity_tasks=0,
               out=tmp_path, quiet=True, isolate=False, threads=1)
-    run_comparison(["FOMAML"], meta_steps=2, **kw)
-    with pytest.raises(UsageError, match="meta_steps"):
-        run_comparison(["FOMAML"], meta_steps=3, **kw)
-    result = run_comparison(["FOMAML"], meta_steps=3, force=True, **kw)
-    assert result.results[0]["meta_steps"] == 3
+    run_comparison(["FOMAML"], meta_steps=3, **kw)
+    with pytest.raises(UsageError, match="meta_steps"):  # fewer steps than the run already made
+        run_comparison(["FOMAML"], meta_steps=2, **kw)
+    with pytest.raises(UsageError, match="inner_lr"):
+        run_comparison(["FOMAML"], meta_steps=3, inner_lr=0.123, **kw)
+    result = run_comparison(["FOMAML"], meta_steps=2, force=True, **kw)
+    assert result.results[0]["meta_steps"] == 2
+
+
+def test_more_meta_steps_extend_a_finished_run_exactly(tmp_path):
+    kw = dict(dataset="sinusoid", meta_batch_size=2, inner_steps=1, eval_tasks=3, fidelity_tasks=0,
+              quiet=True, isolate=False, threads=1, chunk_size=2)
+    run_comparison(["FOMAML"], meta_steps=3, out=tmp_path / "a", **kw)
+    run_comparison(["FOMAML"], meta_steps=7, out=tmp_path / "a", **kw)
+    run_comparison(["FOMAML"], meta_steps=7, out=tmp_path / "b", **kw)
+    extended, straight = (json.loads((tmp_path / d / "FOMAML" / "result.json").read_text()) for d in "ab")
+    assert extended["meta_steps"] == 7 and extended["sessions"] == 2
+    assert extended["scores"] == straight["scores"]
+    assert_same_training(load_estimator(tmp_path / "a" / "FOMAML"), load_estimator(tmp_path / "b" / "FOMAML"))
 
 
 def test_divergence_is_a_row_not_a_crash(tmp_path):
