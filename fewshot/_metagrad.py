@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.func import grad
-
-from ._functional import TaskLoss, inner_loop, make_hvp
+from ._functional import TaskLoss, inner_loop, make_hvp, value_and_grad
 from ._tree import Params, tree_norm
 from .linalg import SolveResult
 
@@ -32,14 +30,17 @@ def query_objective(task_loss: TaskLoss, task):
 
 
 def penalty_objective(task_loss: TaskLoss, task, penalty: float):
-    """``phi -> Lq(phi) + penalty * ||grad Ls(phi)||^2`` with aux ``(Lq, metric)``."""
+    """``phi -> Lq(phi) + penalty * ||grad Ls(phi)||^2`` with aux ``(Lq, metric)``.
+
+    ``phi`` must require grad (or be computed from tensors that do): the penalty's gradient is
+    taken with ``create_graph=True`` so that the objective can be differentiated again.
+    """
     xs, ys = task.support
     xq, yq = task.query
-    support_grad = grad(task_loss)
 
     def objective(phi):
         value, aux = task_loss.with_aux(phi, xq, yq)
-        gs = support_grad(phi, xs, ys)
+        gs, _ = value_and_grad(lambda p: (task_loss(p, xs, ys), None), phi, create_graph=True)
         return value + penalty * sum(torch.sum(g * g) for g in gs.values()), aux
 
     return objective
@@ -103,15 +104,15 @@ class Unrolled:
         if not self.memory_efficient:
             def outer(th):
                 phi, support_pre, _ = inner_loop(task_loss, th, xs, ys, lr=self.lr, steps=self.steps,
-                                                 lam=self.lam)
+                                                 lam=self.lam, create_graph=True)
                 value, query_post = objective(phi)
-                return value, (support_pre, query_post, phi)
+                return value, (support_pre, query_post, {k: v.detach() for k, v in phi.items()})
 
-            g, (support_pre, query_post, phi) = grad(outer, has_aux=True)(theta)
+            g, (support_pre, query_post, phi) = value_and_grad(outer, theta)
         else:
             phi, support_pre, path = inner_loop(task_loss, theta, xs, ys, lr=self.lr,
                                                 steps=self.steps, keep_path=True)
-            g, query_post = grad(objective, has_aux=True)(phi)
+            g, query_post = value_and_grad(objective, phi)
             for point in reversed(path):
                 hv = make_hvp(task_loss, point, xs, ys, self.hvp_mode)(g)
                 g = {k: g[k] - self.lr * hv[k] for k in g}
@@ -129,7 +130,7 @@ class FirstOrder:
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support
         phi, support_pre, _ = inner_loop(task_loss, theta, xs, ys, lr=self.lr, steps=self.steps)
-        g, query_post = grad(query_objective(task_loss, task), has_aux=True)(phi)
+        g, query_post = value_and_grad(query_objective(task_loss, task), phi)
         return g, task_stats(task_loss, theta, phi, task, support_pre, query_post, self.full_stats)
 
 
@@ -176,7 +177,7 @@ class Implicit:
         xs, ys = task.support
         phi, support_pre, _ = inner_loop(task_loss, theta, xs, ys, lr=self.lr, steps=self.steps,
                                          lam=self.lam)
-        gq, query_post = grad(query_objective(task_loss, task), has_aux=True)(phi)
+        gq, query_post = value_and_grad(query_objective(task_loss, task), phi)
         hvp = make_hvp(task_loss, phi, xs, ys, self.hvp_mode)
         lam = self.lam
 
