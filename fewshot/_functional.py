@@ -1,5 +1,7 @@
-"""The functional backend: a model as a pure function ``f(params, x)``, task losses, the inner loop
-and Hessian-vector products, all on :mod:`torch.func`.
+"""The functional backend: a model as a pure function ``f(params, x)`` (``torch.func.functional_call``),
+task losses, gradients and the inner loop (reverse-mode ``torch.autograd`` on those functions, see
+:func:`value_and_grad`) and Hessian-vector products (``torch.func.jvp`` of the gradient, or
+reverse-over-reverse autograd).
 
 Every solver, at training time and in ``adapt``, goes through these few functions.
 """
