@@ -81,6 +81,8 @@ def make_estimator(solver: str, options: dict, workload_name: str, inner_steps: 
     meta-batch, Adam at ``configs.META_LR``, CPU, float32, no logging-only passes."""
     workload = configs.WORKLOADS[workload_name]
     cls = fewshot.SOLVERS[solver]
+    options = dict(options)
+    task_threads = options.pop("task_threads", task_threads)  # a variant's own setting wins
     return cls(model=workload["model"], inner_lr=workload["inner_lr"], inner_steps=inner_steps,
                meta_lr=configs.META_LR, meta_batch_size=workload["n_tasks"], meta_steps=meta_steps,
                meta_optimizer="adam", device="cpu", dtype="float32", random_state=0,
