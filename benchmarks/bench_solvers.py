@@ -269,8 +269,6 @@ def main_rows(summary, workloads, inner_steps, solvers, libraries, matmul_gflops
                 if ours.solve_iters is not None and SOLVERS[solver][0] == "IMAML":
                     notes.append(f"CG iterations {ours.solve_iters:.1f} of {SOLVERS[solver][1]['cg_steps']} "
                                  f"(TorchOpt: {configs.IMAML['cg_iters']})")
-                if SOLVERS[solver][0] == "Reptile":
-                    notes.append("fewshot also runs a query forward pass (history_)")
                 targets = "; ".join(evaluate_target(t, ours, peers) for t in TARGETS.get(solver, ())) or "-"
                 rows.append((
                     workload, solver, str(k), f"{ours.median:.4f}", f"{1 / ours.median:.2f}",
