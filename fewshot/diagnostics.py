@@ -33,6 +33,16 @@ _UNROLLED_FAMILY = (MAML, FOMAML, Reptile, PenaltyMAML)
 _IMPLICIT_FAMILY = (IMAML, NeumannMAML)
 
 
+def _exact_solve(matvec, b, *, maxiter, tol):
+    """The reference solve of ``(I + H/lam) x = b``: conjugate gradient from zero, and where it meets a
+    direction of non-positive curvature (the system is indefinite, which plain CG cannot solve),
+    conjugate gradient on the normal equations instead."""
+    result = linalg.cg(matvec, b, maxiter=maxiter, tol=tol)
+    if result.negative_curvature:
+        result = linalg.cg_normal(matvec, b, maxiter=maxiter, tol=tol)
+    return result
+
+
 def _references(est: MetaLearner, cg_steps: int, cg_tol: float) -> dict:
     """``{name: rule}`` of the exact gradients ``est`` is compared with."""
     lr, steps = est.inner_lr_, est.inner_steps
@@ -40,7 +50,7 @@ def _references(est: MetaLearner, cg_steps: int, cg_tol: float) -> dict:
         lam = float(est.lam)
         return {
             "implicit": (("implicit", lr, steps, lam, cg_steps, cg_tol),
-                         Implicit(lr, steps, lam, linalg.cg, cg_steps, cg_tol, {})),
+                         Implicit(lr, steps, lam, _exact_solve, cg_steps, cg_tol, {})),
             "unrolled_proximal": (("unrolled_proximal", lr, steps, lam),
                                   Unrolled(lr, steps, query_objective, lam=lam)),
         }
@@ -67,7 +77,9 @@ def meta_gradient_fidelity(estimators, tasks, *, params: Params | None = None, e
       contribution);
     * :class:`~fewshot.IMAML` and :class:`~fewshot.NeumannMAML`: reference ``"implicit"``, the
       implicit gradient of the same proximal inner loop with the linear system solved by conjugate
-      gradient to convergence (``exact_cg_steps`` iterations, tolerance ``exact_cg_tol``), and
+      gradient (``exact_cg_steps`` iterations from zero, tolerance ``exact_cg_tol``), or, where
+      ``I + H/lam`` turns out indefinite (CG meets non-positive curvature, and so does IMAML's own
+      solver), conjugate gradient on its normal equations (:func:`fewshot.linalg.cg_normal`), and
       reference ``"unrolled_proximal"``, explicit MAML through that proximal inner loop (the two
       agree when the inner problem is solved exactly).
 

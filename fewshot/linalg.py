@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._tree import Vector, tree_axpy, tree_dot, tree_map, tree_norm, tree_zeros_like
 
-__all__ = ["SolveResult", "cg", "neumann", "dense", "damped", "SOLVERS"]
+__all__ = ["SolveResult", "cg", "cg_normal", "neumann", "dense", "damped", "SOLVERS"]
 
 
 class SolveResult(NamedTuple):
@@ -100,6 +100,21 @@ def cg(matvec: Callable, b: Vector, *, maxiter: int = 10, tol: float | None = 1e
     return SolveResult(best_x, n_iter, torch.sqrt(best_rs), negative)
 
 
+def cg_normal(matvec: Callable, b: Vector, *, maxiter: int = 100, tol: float | None = 1e-10,
+              init: Vector | None = None) -> SolveResult:
+    """Conjugate gradient on the normal equations ``M^2 x = M b`` of a symmetric ``M``.
+
+    ``M^2`` is positive definite whenever ``M`` is nonsingular, so this solves indefinite systems
+    (where :func:`cg` stops at the first direction of non-positive curvature), at two matrix-vector
+    products per iteration and the square of ``M``'s condition number. The returned residual is that
+    of the original system, ``||b - M x||``. The exact reference of the implicit gradient in
+    :mod:`fewshot.diagnostics`, where ``I + H/lam`` is often indefinite on real networks.
+    """
+    result = cg(lambda v: matvec(matvec(v)), matvec(b), maxiter=maxiter, tol=tol, init=init)
+    residual = tree_norm(tree_axpy(-1.0, matvec(result.x), b))
+    return SolveResult(result.x, result.n_iter, residual, result.negative_curvature)
+
+
 def neumann(matvec: Callable, b: Vector, *, maxiter: int = 4, tol: float | None = None,
             init: Vector | None = None, lr: float = 1.0, compute_residual: bool = True,
             stop_on_growth: bool = False) -> SolveResult:
@@ -172,4 +187,4 @@ def dense(matvec: Callable, b: Vector, *, maxiter: int | None = None, tol: float
     return SolveResult(unflatten(x), n, torch.linalg.vector_norm(flat_b - m @ x), False)
 
 
-SOLVERS = {"cg": cg, "neumann": neumann, "dense": dense}
+SOLVERS = {"cg": cg, "cg_normal": cg_normal, "neumann": neumann, "dense": dense}

@@ -211,3 +211,21 @@ def test_cg_on_an_indefinite_system_never_returns_worse_than_its_start():
     start_residual = torch.linalg.vector_norm(b - M @ start)
     assert result.residual <= start_residual
     torch.testing.assert_close(result.residual, torch.linalg.vector_norm(b - M @ result.x))
+    # ... while CG on the normal equations solves it
+    normal = linalg.cg_normal(lambda v: M @ v, b, maxiter=30, tol=1e-14)
+    torch.testing.assert_close(normal.x, torch.linalg.solve(M, b))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 8), st.integers(1, 7))
+def test_cg_normal_solves_symmetric_indefinite_systems(seed, n, n_negative):
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    eigenvalues = torch.rand(n, generator=gen, dtype=DT) + 0.5
+    eigenvalues[:min(n_negative, n - 1)] *= -1  # indefinite, |eigenvalues| in [0.5, 1.5]
+    M = q @ torch.diag(eigenvalues) @ q.T
+    M = (M + M.T) / 2
+    b = torch.randn(n, generator=gen, dtype=DT)
+    result = linalg.cg_normal(lambda v: M @ v, b, maxiter=4 * n, tol=1e-13)
+    torch.testing.assert_close(result.x, torch.linalg.solve(M, b), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(result.residual, torch.linalg.vector_norm(b - M @ result.x))
