@@ -40,6 +40,8 @@ COMMON_PARAMS = dict(
     meta_batch_size=16,
     meta_steps=2000,
     meta_optimizer="adam",
+    meta_lr_schedule="constant",
+    meta_lr_horizon=None,
     grad_clip=None,
     transductive=True,
     device="auto",
@@ -55,6 +57,13 @@ COMMON_PARAMS = dict(
 AUTO_INNER_LR = {"classification": 0.4, "regression": 0.01}
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+#: ``meta_lr_schedule``: the factor on the meta learning rate at progress ``t = step / total`` in [0, 1).
+LR_SCHEDULES = {
+    "constant": lambda t: 1.0,
+    "linear": lambda t: 1.0 - t,                          # Reptile's annealing to zero
+    "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
+}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -199,6 +208,9 @@ class MetaLearner(BaseEstimator):
                                  f"{sorted(_OPTIMIZERS)} or a torch.optim.Optimizer subclass, got {self.meta_optimizer!r}")
         else:
             check_choice("meta_optimizer", self.meta_optimizer, _OPTIMIZERS)
+        check_choice("meta_lr_schedule", self.meta_lr_schedule, LR_SCHEDULES)
+        if self.meta_lr_horizon is not None:
+            check_number("meta_lr_horizon", self.meta_lr_horizon, low=1, integer=True)
         check_number("task_threads", self.task_threads, low=1, integer=True, allow=("auto",))
         if not isinstance(self.full_history, bool):
             raise ValueError(f"full_history must be True or False, got {self.full_history!r}")
@@ -380,6 +392,7 @@ class MetaLearner(BaseEstimator):
                 record = dict(zip(names, values))
                 if not all(math.isfinite(v) for v in values):
                     self._diverged(record)
+                self._schedule_lr(optimizer, self.n_iter_, target)
                 self._apply(optimizer, params, grads, norm)
                 record["time"] = elapsed0 + time.perf_counter() - start
                 for k, v in record.items():
@@ -425,6 +438,17 @@ class MetaLearner(BaseEstimator):
 
     def _outer_lr(self):
         return self.meta_lr
+
+    def _schedule_lr(self, optimizer, step: int, total: int):
+        """Set the meta learning rate of (0-based) ``step`` of ``total``; a constant schedule leaves
+        the optimizer alone. A function of the step count only, so a resumed run follows it exactly."""
+        if self.meta_lr_schedule == "constant":
+            return
+        if self.meta_lr_horizon is not None:
+            total = self.meta_lr_horizon
+        lr = self._outer_lr() * LR_SCHEDULES[self.meta_lr_schedule](min(step / max(total, 1), 1.0))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
     def _apply(self, optimizer, params: Params, grads: Params, norm: Tensor):
         scale = 1.0

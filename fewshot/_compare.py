@@ -266,7 +266,10 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
         while done < total and status == "running":
             if max_chunks is not None and chunks >= max_chunks:
                 return None
-            est.set_params(meta_steps=min(chunk_size, total - done), warm_start=True)
+            # a decaying meta learning rate spans the whole run, not one chunk
+            est.set_params(meta_steps=min(chunk_size, total - done), warm_start=True,
+                           **({"meta_lr_horizon": total} if _schedule_of(est) != "constant"
+                              and spec["params"].get("meta_lr_horizon") is None else {}))
             try:
                 est.meta_fit(train)
             except DivergenceError as err:
@@ -518,8 +521,14 @@ def _is_extension(old: dict, new: dict) -> bool:
     old_steps, new_steps = old["params"].get("meta_steps"), new["params"].get("meta_steps")
     if not (isinstance(old_steps, int) and isinstance(new_steps, int) and new_steps > old_steps):
         return False
+    if old["params"].get("meta_lr_schedule", "constant") != "constant":
+        return False  # the learning rates of the steps already taken depend on the run's length
     strip = lambda spec: {**spec, "params": {k: v for k, v in spec["params"].items() if k != "meta_steps"}}
     return strip(old) == strip(new)
+
+
+def _schedule_of(est) -> str:
+    return est.get_params(deep=False).get("meta_lr_schedule", "constant")
 
 
 def _prepare_dir(solver_dir: Path, spec: dict, force: bool) -> None:

@@ -38,6 +38,14 @@ _COMMON_DOC = """
     meta_steps : int, default=2000
         Meta-steps per call to ``meta_fit``.
     meta_optimizer : "adam", "adamw", "sgd" or torch.optim.Optimizer subclass, default="adam"
+    meta_lr_schedule : "constant", "linear" or "cosine", default="constant"
+        The meta learning rate at meta-step ``t`` (0-based, counted over all fits) of ``T``:
+        ``meta_lr`` times 1, ``1 - t/T`` (linear annealing to zero, as Reptile) or
+        ``(1 + cos(pi t/T))/2``. A function of ``t`` only, so a resumed run follows it exactly.
+    meta_lr_horizon : int or None, default=None
+        ``T`` of the schedule (factor 0 from then on). ``None``: the fit's last step, ``meta_steps``
+        with a checkpoint and ``n_iter_ + meta_steps`` otherwise; set it when training in several
+        warm-started fits (``fewshot compare`` sets it to the run's meta-steps).
     grad_clip : float or None, default=None
         Rescale the mean meta-gradient to at most this norm.
     transductive : bool, default=True

@@ -1,5 +1,6 @@
 """meta_fit(checkpoint=..., checkpoint_every=...): atomic writes, exact resume, refusals."""
 
+import math
 import os
 import signal
 import subprocess
@@ -203,3 +204,53 @@ def test_checkpoint_arguments_are_validated(sampler, tmp_path):
         make(fewshot.MAML).meta_fit(sampler, checkpoint=tmp_path)
     with pytest.raises(TypeError, match="checkpoint must be a path"):
         make(fewshot.MAML).meta_fit(sampler, checkpoint=3)
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records the learning rate of every step."""
+
+    seen: list = []
+
+    def step(self, closure=None):
+        RecordingSGD.seen.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("schedule, factor", [
+    ("constant", lambda t: 1.0),
+    ("linear", lambda t: 1 - t / 5),
+    ("cosine", lambda t: 0.5 * (1 + math.cos(math.pi * t / 5))),
+])
+def test_meta_lr_schedule_sets_each_steps_learning_rate(schedule, factor, sampler):
+    RecordingSGD.seen = []
+    make(fewshot.FOMAML, meta_optimizer=RecordingSGD, meta_lr=0.3, meta_lr_schedule=schedule).meta_fit(sampler)
+    assert RecordingSGD.seen == pytest.approx([0.3 * factor(t) for t in range(5)], rel=1e-12)
+    # Reptile's outer step size is its meta learning rate, scheduled the same way
+    RecordingSGD.seen = []
+    make(fewshot.Reptile, meta_optimizer=RecordingSGD, outer_stepsize=0.5, meta_lr_schedule=schedule).meta_fit(sampler)
+    assert RecordingSGD.seen == pytest.approx([0.5 * factor(t) for t in range(5)], rel=1e-12)
+
+
+@pytest.mark.parametrize("cls", [fewshot.MAML, fewshot.FineTune])
+def test_scheduled_run_resumes_and_warm_starts_exactly(cls, sampler, tmp_path):
+    path = tmp_path / "run.pt"
+    straight = make(cls, meta_lr_schedule="cosine").meta_fit(sampler)
+    # (an interruption after step 3 of the 5-step run, stood in for by a 3-step run on its schedule)
+    make(cls, meta_steps=3, meta_lr_schedule="cosine", meta_lr_horizon=5).meta_fit(sampler, checkpoint=path)
+    resumed = make(cls, meta_lr_schedule="cosine", meta_lr_horizon=5).meta_fit(sampler, checkpoint=path)
+    assert_same_run(resumed, straight)
+    # warm-started fits of 2 + 3 steps follow the 5-step schedule when given its horizon
+    chunked = make(cls, meta_steps=2, meta_lr_schedule="cosine", meta_lr_horizon=5, warm_start=True)
+    chunked.meta_fit(sampler).set_params(meta_steps=3).meta_fit(sampler)
+    assert_same_run(chunked, straight)
+    # ... and not without it: the first fit then decays over its own two steps
+    unaware = make(cls, meta_steps=2, meta_lr_schedule="cosine", warm_start=True)
+    unaware.meta_fit(sampler).set_params(meta_steps=3).meta_fit(sampler)
+    assert not all(torch.equal(unaware.params_[k], straight.params_[k]) for k in straight.params_)
+
+
+def test_meta_lr_schedule_is_validated(sampler):
+    with pytest.raises(ValueError, match="meta_lr_schedule"):
+        make(fewshot.MAML, meta_lr_schedule="step").meta_fit(sampler)
+    with pytest.raises(ValueError, match="meta_lr_horizon"):
+        make(fewshot.MAML, meta_lr_schedule="linear", meta_lr_horizon=0).meta_fit(sampler)

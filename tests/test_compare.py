@@ -300,3 +300,15 @@ def test_moving_average_and_figures():
     fig = plot_score_vs_time([{"method": "A", "score_mean": 0.5, "score_ci95": 0.1, "train_time_s": 3.0},
                               {"method": "B", "score_mean": None, "status": "diverged at meta-step 2"}])
     assert len(fig.axes) == 2
+
+
+def test_scheduled_run_spans_all_chunks_and_is_not_extended(tmp_path):
+    kw = dict(dataset="sinusoid", meta_batch_size=2, inner_steps=1, eval_tasks=3, fidelity_tasks=0,
+              quiet=True, isolate=False, threads=1, set_params={"FOMAML": {"meta_lr_schedule": "linear"}})
+    run_comparison(["FOMAML"], meta_steps=5, out=tmp_path / "a", chunk_size=2, **kw)
+    config = json.loads((tmp_path / "a" / "FOMAML" / "config.json").read_text())
+    train, _ = _compare.make_samplers(config)
+    plain = fewshot.FOMAML(**config["params"])
+    assert_same_training(load_estimator(tmp_path / "a" / "FOMAML"), plain.meta_fit(train))
+    with pytest.raises(UsageError, match="other settings"):
+        run_comparison(["FOMAML"], meta_steps=9, out=tmp_path / "a", chunk_size=2, **kw)
