@@ -58,7 +58,7 @@ TABLE_FIELDS = ("method", "type", "metric", "score_mean", "score_ci95", "n_eval_
                 "train_time_s", "s_per_step", "peak_rss_mb", "eval_time_s", "status")
 #: Columns of fidelity.csv / fidelity.json.
 FIDELITY_FIELDS = ("method", "reference", "n_tasks", "cosine_mean", "cosine_std", "rel_error_mean",
-                   "rel_error_std", "norm_ratio_mean")
+                   "rel_error_std", "norm_ratio_mean", "reference_residual_max")
 
 CONFIG, CHECKPOINT, HISTORY, RESULT, ERROR = ("config.json", "checkpoint.joblib", "history.json",
                                               "result.json", "error.txt")
@@ -431,9 +431,10 @@ def format_fidelity(rows) -> str:
               f"{_fmt(r['cosine_mean'], '.4f')} +- {_fmt(r['cosine_std'], '.4f')}",
               (f"{_fmt(r['rel_error_mean'], '.3g')} +- {_fmt(r['rel_error_std'], '.2g')}"
                if r.get("rel_error_mean") is not None and math.isfinite(r["rel_error_mean"]) else "n/a"),
-              _fmt(r.get("norm_ratio_mean"), ".3g")] for r in rows]
+              _fmt(r.get("norm_ratio_mean"), ".3g"), _fmt(r.get("reference_residual_max"), ".1e", "-")]
+             for r in rows]
     return _render(["Method", "Exact reference", "Tasks", "Cosine (mean +- std)",
-                    "Rel. error (mean +- std)", "Norm ratio"], lines)
+                    "Rel. error (mean +- std)", "Norm ratio", "Ref. residual (max)"], lines)
 
 
 def _write_figures(out: Path, rows) -> list[Path]:

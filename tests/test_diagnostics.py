@@ -56,6 +56,8 @@ def test_imaml_with_converged_cg_matches_the_implicit_gradient(sampler, tasks):
     assert exact["cosine_mean"] == pytest.approx(1.0, abs=1e-10) and exact["rel_error_mean"] < 1e-8
     assert rows[("NeumannMAML", "implicit")]["rel_error_mean"] > 1e-2  # a 2-term series is not exact
     assert {ref for _, ref in rows} == {"implicit", "unrolled_proximal"}
+    assert exact["reference_residual_max"] < 1e-10  # the reference solved its systems
+    assert rows[("IMAML", "unrolled_proximal")]["reference_residual_max"] is None
 
 
 def test_implicit_and_unrolled_proximal_agree_when_the_inner_problem_is_solved():
@@ -109,3 +111,7 @@ def test_implicit_reference_solves_systems_that_cg_cannot(sampler, tasks):
     est = prepare(sampler, fewshot.IMAML, lam=2.0, cg_steps=100, cg_tol=1e-13)
     row = by_key(meta_gradient_fidelity([est], tasks))[("IMAML", "implicit")]
     assert row["cosine_mean"] < 0.99 and row["rel_error_mean"] > 0.1
+    assert row["reference_residual_max"] < 1e-5  # ... and solves the indefinite systems (MINRES)
+    tight = by_key(meta_gradient_fidelity([est], tasks, exact_cg_steps=300))[("IMAML", "implicit")]
+    assert tight["reference_residual_max"] < 1e-10
+    assert tight["cosine_mean"] == pytest.approx(row["cosine_mean"], abs=1e-6)

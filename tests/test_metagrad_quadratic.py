@@ -229,3 +229,38 @@ def test_cg_normal_solves_symmetric_indefinite_systems(seed, n, n_negative):
     result = linalg.cg_normal(lambda v: M @ v, b, maxiter=4 * n, tol=1e-13)
     torch.testing.assert_close(result.x, torch.linalg.solve(M, b), rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(result.residual, torch.linalg.vector_norm(b - M @ result.x))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 8), st.integers(0, 7), st.booleans())
+def test_minres_solves_symmetric_indefinite_systems(seed, n, n_negative, start):
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    eigenvalues = torch.rand(n, generator=gen, dtype=DT) + 0.5
+    eigenvalues[:min(n_negative, n - 1)] *= -1  # indefinite unless n_negative == 0
+    M = q @ torch.diag(eigenvalues) @ q.T
+    M = (M + M.T) / 2
+    b = torch.randn(n, generator=gen, dtype=DT)
+    init = torch.randn(n, generator=gen, dtype=DT) if start else None
+    result = linalg.minres(lambda v: M @ v, b, maxiter=n + 2, tol=1e-13, init=init)
+    torch.testing.assert_close(result.x, torch.linalg.solve(M, b), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(result.residual, torch.linalg.vector_norm(b - M @ result.x))
+    assert result.n_iter <= n + 1 and not result.negative_curvature
+
+
+def test_minres_on_dicts_matches_cg_normal_and_its_residual_never_grows():
+    gen = torch.Generator().manual_seed(0)
+    n = 12
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    M = q @ torch.diag(torch.linspace(-1.0, 3.0, n, dtype=DT) + 0.05) @ q.T
+    M = (M + M.T) / 2
+    split = lambda v: {"a": v[:5].reshape(5, 1), "b": v[5:]}
+    join = lambda t: torch.cat([t["a"].reshape(-1), t["b"]])
+    b = torch.randn(n, generator=gen, dtype=DT)
+    op = lambda t: split(M @ join(t))
+    exact = torch.linalg.solve(M, b)
+    torch.testing.assert_close(join(linalg.minres(op, split(b), maxiter=40, tol=1e-14).x), exact)
+    torch.testing.assert_close(join(linalg.cg_normal(op, split(b), maxiter=200, tol=1e-14).x), exact)
+    residuals = [float(linalg.minres(op, split(b), maxiter=k, tol=None).residual) for k in range(n + 1)]
+    assert all(r1 <= r0 * (1 + 1e-10) for r0, r1 in zip(residuals, residuals[1:]))
+    assert residuals[-1] < 1e-10 * residuals[0]
