@@ -136,19 +136,26 @@ class FirstOrder:
 
 @dataclass
 class ReptileRule:
-    """The pseudo-gradient ``theta - phi_k`` (the query set is only used for reporting)."""
+    """The pseudo-gradient ``theta - phi_k`` of an inner loop on the support set, or with
+    ``inner_data="task"`` on the support and query sets together (otherwise the query set is only
+    used for reporting)."""
 
     lr: float
     steps: int
+    inner_data: str = "support"
     full_stats: bool = field(default=True, kw_only=True)
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support
         xq, yq = task.query
-        phi, support_pre, _ = inner_loop(task_loss, theta, xs, ys, lr=self.lr, steps=self.steps)
+        x, y = (xs, ys) if self.inner_data == "support" else (torch.cat([xs, xq]), torch.cat([ys, yq]))
+        phi, support_pre, _ = inner_loop(task_loss, theta, x, y, lr=self.lr, steps=self.steps)
         g = {k: theta[k] - phi[k] for k in theta}
-        # The update never looks at the query set; with full_stats=False it is not evaluated at all.
+        # With inner_data="support" the update never looks at the query set; with full_stats=False
+        # it is not evaluated at all.
         query_post = task_loss.evaluate(phi, xq, yq) if self.full_stats else None
+        if self.inner_data != "support":
+            support_pre = None  # the inner loop's first loss was on support and query together
         return g, task_stats(task_loss, theta, phi, task, support_pre, query_post, self.full_stats)
 
 

@@ -187,17 +187,23 @@ class FOMAML(MetaLearner):
 class Reptile(MetaLearner):
     """Reptile.
 
-    Same inner loop as :class:`MAML` on the support set; the per-task pseudo-gradient is
-    ``theta - phi_k``, averaged over the meta-batch and fed to the meta-optimizer. With
-    ``meta_optimizer="sgd"`` at step size epsilon this is
-    ``theta <- theta + epsilon * mean_i(phi_k,i - theta)``. The query set is not used by the update
-    (only for the reported curves).
+    Same inner loop as :class:`MAML` (k steps of size alpha from ``phi_0 = theta``), run on the
+    support set or, with ``inner_data="task"``, on the support and query sets together; the
+    per-task pseudo-gradient is ``theta - phi_k``, averaged over the meta-batch and fed to the
+    meta-optimizer. With ``meta_optimizer="sgd"`` at step size epsilon this is
+    ``theta <- theta + epsilon * mean_i(phi_k,i - theta)``. Reptile needs no held-out query set:
+    with ``inner_data="support"`` the query set is only used for the reported curves, with
+    ``"task"`` the inner loop learns from all of a task's examples during meta-training (as
+    Nichol et al. train 1-shot Omniglot with 10 examples per class) and the query curves of
+    ``history_`` are on examples the inner loop saw. ``adapt`` always uses the support set only.
 
     Parameters
     ----------
     {common}
     outer_stepsize : float or None, default=None
         Reptile's epsilon: the meta-optimizer's learning rate. ``None`` uses ``meta_lr``.
+    inner_data : "support" or "task", default="support"
+        The examples of the meta-training inner loop: the support set, or support and query.
     {attributes}
     Notes
     -----
@@ -214,14 +220,15 @@ class Reptile(MetaLearner):
     Nichol, Achiam, Schulman. On first-order meta-learning algorithms. arXiv:1803.02999, 2018.
     """
 
-    __init__ = estimator_init(**COMMON_PARAMS, outer_stepsize=None)
-    _extra_checks = {"outer_stepsize": lambda n, v: v is None or _step_size(n, v)}
+    __init__ = estimator_init(**COMMON_PARAMS, outer_stepsize=None, inner_data="support")
+    _extra_checks = {"outer_stepsize": lambda n, v: v is None or _step_size(n, v),
+                     "inner_data": lambda n, v: check_choice(n, v, ("support", "task"))}
 
     def _outer_lr(self):
         return self.meta_lr if self.outer_stepsize is None else self.outer_stepsize
 
     def _make_rule(self):
-        return ReptileRule(self.inner_lr_, self.inner_steps)
+        return ReptileRule(self.inner_lr_, self.inner_steps, self.inner_data)
 
 
 @_doc

@@ -217,3 +217,23 @@ def test_task_threads_give_the_same_meta_gradients(name):
     for k in one.history_:
         if k != "time":
             np.testing.assert_allclose(one.history_[k], two.history_[k], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("inner_data", ["support", "task"])
+def test_reptile_matches_plain_autograd_through_batchnorm(inner_data):
+    from fewshot._metagrad import ReptileRule
+
+    tl, theta, tasks = conv_task_loss()
+    for task in tasks:
+        (xs, ys), (xq, yq) = task.support, task.query
+        x, y = (xs, ys) if inner_data == "support" else (torch.cat([xs, xq]), torch.cat([ys, yq]))
+        phi = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+        for _ in range(3):
+            g = torch.autograd.grad(tl(phi, x, y), list(phi.values()))
+            phi = {k: (p - 0.4 * gi).detach().requires_grad_(True) for (k, p), gi in zip(phi.items(), g)}
+        g, stats = ReptileRule(0.4, 3, inner_data)(tl, theta, task)
+        assert rel_err(g, {k: theta[k] - phi[k] for k in theta}) < 1e-12
+        # the reported support loss is on the support set alone, whatever the inner loop used
+        torch.testing.assert_close(stats["support_loss_pre"], tl(theta, xs, ys).detach())
+        if inner_data == "task":  # (the batch statistics of the union differ from the support's)
+            assert rel_err(g, ReptileRule(0.4, 3)(tl, theta, task)[0]) > 1e-3

@@ -31,6 +31,8 @@ def fitted(sampler):
     (fewshot.NeumannMAML, dict(neumann_lr=-1.0), "neumann_lr"),
     (fewshot.PenaltyMAML, dict(penalty=-1.0), "penalty"),
     (fewshot.Reptile, dict(outer_stepsize=0.0), "outer_stepsize"),
+    (fewshot.Reptile, dict(inner_data="query"), "inner_data"),
+    (fewshot.MAML, dict(meta_lr_schedule="exponential"), "meta_lr_schedule"),
     (fewshot.FineTune, dict(batch_size=0), "batch_size"),
     (fewshot.MAML, dict(dtype="float16"), "dtype"),
     (fewshot.MAML, dict(inner_lr=float("nan")), "inner_lr"),
