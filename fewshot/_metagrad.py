@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch import Tensor
 from ._functional import TaskLoss, inner_loop, make_hvp, value_and_grad
 from ._tree import Params, tree_norm
 from .linalg import SolveResult
@@ -134,6 +135,22 @@ class FirstOrder:
         return g, task_stats(task_loss, theta, phi, task, support_pre, query_post, self.full_stats)
 
 
+def _class_batches(y: Tensor, shots: int, steps: int) -> list[Tensor]:
+    """Indices of ``steps`` class-balanced batches of ``y`` (class labels, the same number of
+    examples per class): batch ``j`` holds examples ``j*shots, ..., (j+1)*shots - 1`` of every class
+    in order of appearance, cyclically. So with support first and ``shots = k_shot``, the first
+    batch is the support set."""
+    order = torch.argsort(y, stable=True)
+    n_classes = int(y.max()) + 1
+    per_class = y.numel() // n_classes
+    if per_class * n_classes != y.numel() or not bool(torch.all(torch.bincount(y, minlength=n_classes) == per_class)):
+        raise ValueError(f"inner_shots needs the same number of examples of every class; got class counts "
+                         f"{torch.bincount(y).tolist()}")
+    by_class = order.view(n_classes, per_class)
+    columns = torch.arange(steps * shots, device=y.device) % per_class
+    return [by_class[:, columns[j * shots:(j + 1) * shots]].reshape(-1) for j in range(steps)]
+
+
 @dataclass
 class ReptileRule:
     """The pseudo-gradient ``theta - phi_k`` of an inner loop on the support set, or with
@@ -143,19 +160,25 @@ class ReptileRule:
     lr: float
     steps: int
     inner_data: str = "support"
+    shots: int | None = None  # examples per class in each inner step; None: all of them
     full_stats: bool = field(default=True, kw_only=True)
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support
         xq, yq = task.query
         x, y = (xs, ys) if self.inner_data == "support" else (torch.cat([xs, xq]), torch.cat([ys, yq]))
-        phi, support_pre, _ = inner_loop(task_loss, theta, x, y, lr=self.lr, steps=self.steps)
+        if self.shots is None:
+            phi, support_pre, _ = inner_loop(task_loss, theta, x, y, lr=self.lr, steps=self.steps)
+        else:
+            phi, support_pre = theta, None
+            for batch in _class_batches(y, self.shots, self.steps):
+                phi, _, _ = inner_loop(task_loss, phi, x[batch], y[batch], lr=self.lr, steps=1)
         g = {k: theta[k] - phi[k] for k in theta}
         # With inner_data="support" the update never looks at the query set; with full_stats=False
         # it is not evaluated at all.
         query_post = task_loss.evaluate(phi, xq, yq) if self.full_stats else None
-        if self.inner_data != "support":
-            support_pre = None  # the inner loop's first loss was on support and query together
+        if self.inner_data != "support" or self.shots is not None:
+            support_pre = None  # the inner loop's first loss was not on the support set
         return g, task_stats(task_loss, theta, phi, task, support_pre, query_post, self.full_stats)
 
 

@@ -204,6 +204,12 @@ class Reptile(MetaLearner):
         Reptile's epsilon: the meta-optimizer's learning rate. ``None`` uses ``meta_lr``.
     inner_data : "support" or "task", default="support"
         The examples of the meta-training inner loop: the support set, or support and query.
+    inner_shots : int or None, default=None
+        ``None``: every inner step uses all of those examples. An integer ``s``: inner step ``j``
+        uses examples ``j*s`` to ``(j+1)*s - 1`` of every class (support first, cyclically), so the
+        steps see different mini-batches shaped like the support set (classification only). With
+        ``inner_data="task"`` this is Reptile as published, whose update then favours parameters
+        where gradients of different mini-batches of a task agree (Nichol et al., section 5).
     {attributes}
     Notes
     -----
@@ -220,15 +226,19 @@ class Reptile(MetaLearner):
     Nichol, Achiam, Schulman. On first-order meta-learning algorithms. arXiv:1803.02999, 2018.
     """
 
-    __init__ = estimator_init(**COMMON_PARAMS, outer_stepsize=None, inner_data="support")
+    __init__ = estimator_init(**COMMON_PARAMS, outer_stepsize=None, inner_data="support", inner_shots=None)
     _extra_checks = {"outer_stepsize": lambda n, v: v is None or _step_size(n, v),
-                     "inner_data": lambda n, v: check_choice(n, v, ("support", "task"))}
+                     "inner_data": lambda n, v: check_choice(n, v, ("support", "task")),
+                     "inner_shots": lambda n, v: v is None or check_number(n, v, low=1, integer=True)}
 
     def _outer_lr(self):
         return self.meta_lr if self.outer_stepsize is None else self.outer_stepsize
 
     def _make_rule(self):
-        return ReptileRule(self.inner_lr_, self.inner_steps, self.inner_data)
+        if self.inner_shots is not None and self.task_type_ != "classification":
+            raise ValueError("inner_shots batches the inner loop by class: it needs a classification "
+                             f"sampler, got a {self.task_type_} one; leave inner_shots=None")
+        return ReptileRule(self.inner_lr_, self.inner_steps, self.inner_data, self.inner_shots)
 
 
 @_doc

@@ -237,3 +237,31 @@ def test_reptile_matches_plain_autograd_through_batchnorm(inner_data):
         torch.testing.assert_close(stats["support_loss_pre"], tl(theta, xs, ys).detach())
         if inner_data == "task":  # (the batch statistics of the union differ from the support's)
             assert rel_err(g, ReptileRule(0.4, 3)(tl, theta, task)[0]) > 1e-3
+
+
+def test_reptile_mini_batches_match_plain_autograd_through_batchnorm():
+    """inner_shots=1 on support and query: inner step j on the j-th example of every class."""
+    from fewshot._metagrad import ReptileRule
+
+    tl, theta, tasks = conv_task_loss()  # 3 classes, 2 support + 2 query examples per class
+    for task in tasks:
+        (xs, ys), (xq, yq) = task.support, task.query
+        x, y = torch.cat([xs, xq]), torch.cat([ys, yq])
+        phi = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+        for j in range(6):  # 4 examples per class: the fifth and sixth steps start over
+            batch = torch.stack([torch.nonzero(y == c).flatten()[j % 4] for c in range(3)])
+            g = torch.autograd.grad(tl(phi, x[batch], y[batch]), list(phi.values()))
+            phi = {k: (p - 0.4 * gi).detach().requires_grad_(True) for (k, p), gi in zip(phi.items(), g)}
+        g, stats = ReptileRule(0.4, 6, "task", 1)(tl, theta, task)
+        assert rel_err(g, {k: theta[k] - phi[k] for k in theta}) < 1e-12
+        torch.testing.assert_close(stats["support_loss_pre"], tl(theta, xs, ys).detach())
+
+
+def test_class_batches():
+    from fewshot._metagrad import _class_batches
+
+    y = torch.tensor([2, 0, 1, 0, 1, 2, 0, 1, 2])  # three examples of each class
+    assert [b.tolist() for b in _class_batches(y, 1, 4)] == [[1, 2, 0], [3, 4, 5], [6, 7, 8], [1, 2, 0]]
+    assert [b.tolist() for b in _class_batches(y, 2, 2)] == [[1, 3, 2, 4, 0, 5], [6, 1, 7, 2, 8, 0]]
+    with pytest.raises(ValueError, match="same number of examples of every class"):
+        _class_batches(torch.tensor([0, 0, 1]), 1, 1)

@@ -32,6 +32,7 @@ def fitted(sampler):
     (fewshot.PenaltyMAML, dict(penalty=-1.0), "penalty"),
     (fewshot.Reptile, dict(outer_stepsize=0.0), "outer_stepsize"),
     (fewshot.Reptile, dict(inner_data="query"), "inner_data"),
+    (fewshot.Reptile, dict(inner_shots=0), "inner_shots"),
     (fewshot.MAML, dict(meta_lr_schedule="exponential"), "meta_lr_schedule"),
     (fewshot.FineTune, dict(batch_size=0), "batch_size"),
     (fewshot.MAML, dict(dtype="float16"), "dtype"),
@@ -89,3 +90,8 @@ def test_regression_targets_checked():
     est = fewshot.FOMAML(meta_steps=1, meta_batch_size=2, random_state=0).meta_fit(SinusoidTasks())
     with pytest.raises(ValueError, match="support.y must have shape"):
         est.adapt((torch.randn(4, 1), torch.randn(4, 3)))
+
+
+def test_reptile_inner_shots_needs_classes():
+    with pytest.raises(ValueError, match="inner_shots batches the inner loop by class"):
+        fewshot.Reptile(inner_shots=1, meta_steps=1, meta_batch_size=2).meta_fit(SinusoidTasks())
