@@ -529,6 +529,17 @@ METHOD = [
      "harness builds its model and imports its library before its reading. With `task_threads=2` two tasks "
      "are in flight at once and glibc gives each thread its own malloc arena, which raises the peak "
      "(`MALLOC_ARENA_MAX=1` lowers it)."),
+    ("- The gap in peak memory is glibc's heap, not live tensors. `benchmarks/bench_allocator.py` runs "
+     "MAML (5 inner steps, 1 thread, one task at a time) under fixed malloc mmap thresholds, fewshot and "
+     "learn2learn in the same environments (2026-11-22, one round on a loaded machine, so its times are "
+     "not comparable): peak RSS increase by default fewshot +359 MB, learn2learn +217; with "
+     "`MALLOC_MMAP_THRESHOLD_` at 16 MB +234 / +215, at 1 MB +128 / +132, at 128 kB +108 / +115. With the "
+     "threshold fixed, blocks above it are returned to the system when freed, and fewshot's peak is the "
+     "same as learn2learn's (below it at 128 kB); by default glibc raises the threshold as blocks are "
+     "freed and fewshot's allocation pattern leaves a larger heap high-water mark than learn2learn's. "
+     "Small thresholds cost page faults: a 128 kB threshold made both libraries' meta-steps about 1.5 to "
+     "2x slower in that run, 1 MB cost learn2learn about 1.4x and fewshot less. Set the variable in the "
+     "environment of a memory-bound run; fewshot does not change the process's allocator itself."),
     ("- Each configuration runs in its own process, fewshot and the peers alternating; every second round "
      "runs in reverse order. The machine has 2 cores shared with other work: compare the ratios, which are measured "
      "close together in time, rather than the absolute times, and distrust runs with a high load average."),
