@@ -542,6 +542,8 @@ def _prepare_dir(solver_dir: Path, spec: dict, force: bool) -> None:
         if "threads" not in old:  # written before the thread count was recorded: not comparable
             old["threads"] = spec.get("threads")
         if old != _jsonable(spec):
+            if (solver_dir / RESULT).exists() and {**old, "threads": None} == {**_jsonable(spec), "threads": None}:
+                return  # finished with another thread count: the same run, reused as it was made
             has_state = any((solver_dir / f).exists() for f in (CHECKPOINT, RESULT))
             if has_state and _is_extension(old, _jsonable(spec)) and (solver_dir / CHECKPOINT).exists():
                 # more meta-steps, nothing else changed: continue the run from its last checkpoint

@@ -312,3 +312,16 @@ def test_scheduled_run_spans_all_chunks_and_is_not_extended(tmp_path):
     assert_same_training(load_estimator(tmp_path / "a" / "FOMAML"), plain.meta_fit(train))
     with pytest.raises(UsageError, match="other settings"):
         run_comparison(["FOMAML"], meta_steps=9, out=tmp_path / "a", chunk_size=2, **kw)
+
+
+def test_finished_run_is_reused_under_another_thread_count(tmp_path):
+    kw = dict(dataset="sinusoid", meta_steps=3, meta_batch_size=2, inner_steps=1, eval_tasks=3,
+              fidelity_tasks=0, quiet=True, isolate=False, out=tmp_path)
+    first = run_comparison(["FOMAML"], threads=1, **kw).results[0]
+    again = run_comparison(["FOMAML"], threads=2, **kw).results[0]  # assembles, does not re-run
+    assert again == first
+    assert json.loads((tmp_path / "FOMAML" / "config.json").read_text())["threads"] == 1
+    # an unfinished run is not: its remaining steps would run under other settings
+    (tmp_path / "FOMAML" / "result.json").unlink()
+    with pytest.raises(UsageError, match="threads"):
+        run_comparison(["FOMAML"], threads=2, **kw)
