@@ -540,7 +540,7 @@ METHOD = [
      "128 kB); by default glibc raises the threshold as blocks are freed, freed activations stay on the "
      "heap, and fewshot's allocation pattern leaves a higher water mark. Small thresholds cost page "
      "faults. With `MALLOC_MMAP_THRESHOLD_=131072` in its environment fewshot's default configuration "
-     "peaks below learn2learn's default (+199 vs +206 MB) and still runs 0.74x its time per step; "
+     "peaks below learn2learn's default (+199 vs +206 MB) but runs at 0.74x its speed (2.00 vs 1.47 s per step); "
      "learn2learn's default is 1.04x slower than fewshot's at 1 MB. fewshot does not change the process's "
      "allocator itself; set the variable for memory-bound runs."),
     ("- Each configuration runs in its own process, fewshot and the peers alternating; every second round "
