@@ -187,7 +187,8 @@ class Implicit:
     """Implicit meta-gradient of the proximal inner problem.
 
     ``phi*`` is approximated by ``steps`` gradient steps on ``Ls(phi) + lam/2 ||phi - theta||^2``;
-    the meta-gradient is ``x = (I + H/lam)^{-1} grad Lq(phi*)`` with ``H = grad^2 Ls(phi*)``, found by
+    the meta-gradient is ``x = (I + H/(lam + damping))^{-1} grad Lq(phi*)`` with
+    ``H = grad^2 Ls(phi*)`` (``damping=0``: the implicit gradient), found by
     ``solve(matvec, b, maxiter=solve_iters, tol=solve_tol, **solve_kwargs)`` using Hessian-vector
     products at ``phi*`` only, so memory does not depend on ``steps``.
     """
@@ -200,6 +201,7 @@ class Implicit:
     solve_tol: float | None
     solve_kwargs: dict
     warm_start: bool = True  # start CG from grad Lq (the first-order answer) instead of zero
+    damping: float = 0.0     # added to lam in the linear system only (not in the inner loop)
     hvp_mode: str = "fwdrev"
     full_stats: bool = field(default=True, kw_only=True)
 
@@ -209,7 +211,7 @@ class Implicit:
                                          lam=self.lam)
         gq, query_post = value_and_grad(query_objective(task_loss, task), phi)
         hvp = make_hvp(task_loss, phi, xs, ys, self.hvp_mode)
-        lam = self.lam
+        lam = self.lam + self.damping
 
         def matvec(v):
             hv = hvp(v)

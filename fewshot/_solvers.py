@@ -286,21 +286,28 @@ class IMAML(MetaLearner):
         Maximum conjugate-gradient iterations.
     cg_tol : float, default=1e-10
         Stop CG when the residual is below ``cg_tol * ||grad Lq||``.
+    damping : float, default=0.0
+        Added to ``lam`` in the linear system only: the meta-gradient becomes
+        ``(I + H/(lam + damping))^{-1} grad Lq(phi*)``, the inner problem is unchanged. 0 is the
+        implicit gradient; as it grows the answer tends to the first-order ``grad Lq(phi*)``.
+        Positive values keep the system positive definite where ``H`` has curvature below
+        ``-lam``.
     {attributes}
     References
     ----------
     Rajeswaran, Finn, Kakade, Levine. Meta-learning with implicit gradients. NeurIPS 2019.
     """
 
-    __init__ = estimator_init(**COMMON_PARAMS, lam=1.0, cg_steps=5, cg_tol=1e-10)
-    _extra_checks = {"lam": _positive, "cg_steps": _count, "cg_tol": _non_negative}
+    __init__ = estimator_init(**COMMON_PARAMS, lam=1.0, cg_steps=5, cg_tol=1e-10, damping=0.0)
+    _extra_checks = {"lam": _positive, "cg_steps": _count, "cg_tol": _non_negative,
+                     "damping": _non_negative}
 
     def _inner_lam(self):
         return float(self.lam)
 
     def _make_rule(self):
         return Implicit(self.inner_lr_, self.inner_steps, float(self.lam), linalg.cg, self.cg_steps,
-                        self.cg_tol, {})
+                        self.cg_tol, {}, damping=float(self.damping))
 
 
 @_doc

@@ -124,6 +124,20 @@ def test_imaml_cg_solves_the_system_at_its_own_iterate(p, lam, lr, k):
 
 
 @settings(max_examples=40, deadline=None)
+@given(problems(), lams, lrs, steps, st.floats(0.0, 30.0))
+def test_imaml_damping_solves_the_damped_system_at_the_undamped_iterate(p, lam, lr, k, damping):
+    """``damping`` enters the linear system only: (I + A/(lam + damping))^{-1} grad Lq(phi_k), with
+    phi_k the iterate of the proximal loop with lam itself."""
+    phi_k = gd_iterate(p, lr, k, lam)
+    M = p["I"] + p["A"] / (lam + damping)
+    expected = torch.linalg.solve(M, p["B"] @ (phi_k - p["b"]))
+    rule = Implicit(lr, k, lam, linalg.cg, p["n"] + 2, 1e-14, {}, damping=damping)
+    g, stats = rule(QuadraticLoss(), p["theta"], p["task"])
+    close(g["phi"], expected)
+    assert stats["solve_residual"] < 1e-10
+
+
+@settings(max_examples=40, deadline=None)
 @given(problems(), lams, lrs, steps, st.integers(1, 8), st.floats(0.1, 1.0))
 def test_neumann_equals_truncated_series(p, lam, lr, k, terms, eta):
     phi_k = gd_iterate(p, lr, k, lam)

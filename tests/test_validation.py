@@ -27,6 +27,7 @@ def fitted(sampler):
     (fewshot.MAML, dict(meta_optimizer="lbfgs"), "meta_optimizer"),
     (fewshot.IMAML, dict(lam=0.0), "lam"),
     (fewshot.IMAML, dict(cg_steps=0), "cg_steps"),
+    (fewshot.IMAML, dict(damping=-1.0), "damping"),
     (fewshot.NeumannMAML, dict(neumann_terms=0), "neumann_terms"),
     (fewshot.NeumannMAML, dict(neumann_lr=-1.0), "neumann_lr"),
     (fewshot.PenaltyMAML, dict(penalty=-1.0), "penalty"),
