@@ -420,9 +420,10 @@ class MetaLearner(BaseEstimator):
         steps = len(h.get("solve_residual", [])[first_step:])
         if negative:
             warnings.warn(
-                f"{type(self).__name__}: conjugate gradient met non-positive curvature of I + H/lam "
-                f"in {negative} of {steps} meta-steps (for at least one task; the Hessian has eigenvalues "
-                "below -lam) and returned its smallest-residual iterate there; increase lam to make the "
+                f"{type(self).__name__}: conjugate gradient met non-positive curvature of "
+                f"I + H/(lam + damping) in {negative} of {steps} meta-steps (for at least one task; the "
+                "Hessian has eigenvalues below -(lam + damping)) and returned its smallest-residual "
+                "iterate there; increase damping (the linear system's lam only) or lam to make the "
                 "system positive definite.",
                 SolverWarning, stacklevel=3)
         if diverged:
