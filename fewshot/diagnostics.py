@@ -63,7 +63,7 @@ def _summary(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else float("nan")
 
 
-def meta_gradient_fidelity(estimators, tasks, *, params: Params | None = None, exact_cg_steps: int = 100,
+def meta_gradient_fidelity(estimators, tasks, *, params: Params | None = None, exact_cg_steps: int = 1000,
                            exact_cg_tol: float = 1e-12) -> list[dict]:
     """Compare each solver's meta-gradient with the exact one, task by task.
 
@@ -96,7 +96,9 @@ def meta_gradient_fidelity(estimators, tasks, *, params: Params | None = None, e
         The shared meta-parameters; default the first estimator's ``params_``. Cast to each
         estimator's device and dtype (use ``dtype="float64"`` estimators for tight comparisons).
     exact_cg_steps, exact_cg_tol : int, float
-        Conjugate-gradient budget of the ``"implicit"`` reference.
+        Iteration budget and relative tolerance of the ``"implicit"`` reference's solves (CG or
+        MINRES; they stop at the tolerance). 100 iterations left relative residuals of up to 7e-2
+        at Omniglot MAML's meta-parameters after 2,000 meta-steps at Adam 5e-3.
 
     Returns
     -------
