@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -232,7 +233,7 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
     import joblib
     import torch
 
-    from .exceptions import DivergenceError
+    from .exceptions import DivergenceError, SolverWarning
 
     solver_dir = Path(solver_dir)
     if (solver_dir / RESULT).exists():
@@ -252,7 +253,7 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
         est = make_estimator(name, spec["params"]).set_params(warm_start=True)
         state = {"format": _FORMAT, "estimator": est, "sessions": 1, "peak_rss_mb": 0.0,
                  "train_rss_mb": 0.0, "status": "running"}
-    done = getattr(est, "n_iter_", 0)
+    done = first = getattr(est, "n_iter_", 0)
     status = state["status"]
     if status == "ok" and done < total:  # a finished run asked for more meta-steps: continue it
         status = "running"
@@ -271,7 +272,9 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
                            **({"meta_lr_horizon": total} if _schedule_of(est) != "constant"
                               and spec["params"].get("meta_lr_horizon") is None else {}))
             try:
-                est.meta_fit(train)
+                with warnings.catch_warnings():  # summarised once per session below, not per chunk
+                    warnings.simplefilter("ignore", SolverWarning)
+                    est.meta_fit(train)
             except DivergenceError as err:
                 status = f"diverged at meta-step {err.step}"
             _update_memory(state, baseline)
@@ -292,6 +295,8 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
     finally:
         if bar is not None:
             bar.close()
+    if getattr(est, "n_iter_", 0) > first:
+        est._warn_about_solves(first)
     if not hasattr(est, "params_"):  # meta_steps=0: set the estimator up without training
         est.set_params(meta_steps=0, warm_start=False).meta_fit(train)
     if status == "running":  # meta_steps=0, or a checkpoint saved just before the end

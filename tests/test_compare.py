@@ -12,6 +12,7 @@ import torch
 
 import fewshot
 from fewshot import _compare, _protocols
+from fewshot.exceptions import SolverWarning
 from fewshot.__main__ import main
 from fewshot.compare import UsageError, format_table, load_results, run_comparison
 from fewshot.plotting import moving_average, plot_learning_curves, plot_score_vs_time
@@ -160,6 +161,20 @@ def test_interrupted_solver_resumes_bit_identically(tmp_path):
     plain = fewshot.IMAML(**config["solvers"]["IMAML"]).meta_fit(train)
     assert_same_training(load_estimator(interrupted), plain)
     assert load_estimator(interrupted).get_params() == plain.get_params()
+
+
+def test_solver_warnings_are_summarised_once_per_session_not_per_chunk(tmp_path):
+    # An undamped series with lam far below the curvature diverges at every meta-step.
+    config = _protocols.resolve("tuned", "sinusoid", ["NeumannMAML"],
+                                dict(meta_batch_size=2, inner_steps=1, eval_tasks=3, meta_steps=6),
+                                {"NeumannMAML": {"lam": 0.01, "neumann_lr": 1.0}})
+    path = tmp_path / "NeumannMAML"
+    _compare._prepare_dir(path, _compare._solver_spec(config, "NeumannMAML"), force=False)
+    with pytest.warns(SolverWarning) as record:
+        result = _compare.run_solver(path, chunk_size=2, quiet=True)
+    assert result["status"] == "ok"
+    messages = [str(w.message) for w in record if issubclass(w.category, SolverWarning)]
+    assert len(messages) == 1 and "diverged in 6 of 6 meta-steps" in messages[0], messages
 
 
 def test_killed_comparison_resumes_where_it_stopped(tmp_path):
