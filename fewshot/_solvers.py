@@ -396,8 +396,9 @@ class PenaltyMAML(MetaLearner):
     -----
     On Omniglot ``fewshot compare`` uses MAML's inner loop (``alpha = 0.4``, 5 steps, 10 at test) and
     ``penalty=0.01``, ten times weaker than the default, so that the query loss dominates the
-    objective (not tuned further: its meta-gradient has cosine 1.0000 with MAML's at this weight,
-    and it reached 95.6% after 2,000 meta-steps, MAML 95.7%).
+    objective (not tuned further: its meta-gradient has cosine 1.0000 with MAML's at this weight),
+    and Adam at 5e-3 like MAML. After 2,000 meta-steps: 95.6% at Adam 1e-3 (MAML 95.7%), 97.6% at
+    5e-3 (MAML 97.0%); 95.1 and 97.2% on 600 validation tasks.
     """
 
     __init__ = estimator_init(**COMMON_PARAMS, penalty=0.1, memory_efficient=False)
