@@ -144,7 +144,9 @@ PROTOCOLS = {
                     "Reptile": {"inner_data": "task", "inner_shots": 1, "meta_lr_schedule": "linear"},
                     # Measured at 500 meta-steps (first 300 of the 600 test tasks): Adam at 1e-3 84.1%, at
                     # 3e-3 90.0%; 1 inner step in training 83.1%; 15 training queries per class 82.7%.
-                    "FOMAML": {"meta_lr": 3e-3},
+                    # 2,000-step runs, 600 validation tasks: 3e-3 93.56%, 5e-3 93.68% (within noise; test
+                    # 94.20 and 94.80%), the second-order solvers' value.
+                    "FOMAML": {"meta_lr": 5e-3},
                     # 2,000-step runs (600 validation tasks; test tasks in docs/results.md): Adam at 1e-3
                     # 95.34%, at 3e-3 96.59%, at 5e-3 96.83%.
                     "MAML": {"meta_lr": 5e-3},
