@@ -133,6 +133,8 @@ PROTOCOLS = {
                     "IMAML": {"lam": 2.0, "cg_steps": 5, "inner_steps": 16, "adapt_steps": 16, "inner_lr": 0.1},
                     # The same implicit system and inner loop as IMAML; the series damped to eta=0.2, which
                     # converges for support-loss curvature up to 9 * lam = 18 (0 < eta (1 + mu/lam) < 2).
+                    # Adam stays at 1e-3: 2,000-step runs, 600 validation tasks, 1e-3 94.86%, 5e-3 89.78%
+                    # (the series diverged in 30-86% of the tasks per step at 5e-3).
                     "NeumannMAML": {"lam": 2.0, "neumann_terms": 4, "neumann_lr": 0.2, "inner_steps": 16, "adapt_steps": 16,
                                     "inner_lr": 0.1},
                     # Reptile as published (Nichol et al.): its inner loop learns from all of a task's

@@ -356,7 +356,11 @@ class NeumannMAML(MetaLearner):
     on Conv4. The report's "k=3" is ``neumann_terms=4``, ``neumann_lr=1``. With these settings it
     reached 95.1% after 2,000 meta-steps at Adam 1e-3 (IMAML 90.6%, MAML 95.7%); at MAML's 2,000-step
     meta-parameters its meta-gradient has cosine 0.54 with the exact implicit gradient and 0.86 with
-    explicit differentiation through the 16 proximal steps, about IMAML's.
+    explicit differentiation through the 16 proximal steps, about IMAML's. At Adam 5e-3 (MAML's
+    tuned step) it ended at 90.5% (validation 89.8% against 94.9%): the larger steps carried theta
+    to sharper support losses, past the curvature 18 where the series (and the inner loop) stop
+    converging, and the series diverged in 30 to 86% of the tasks per meta-step all run long, so the
+    protocol keeps Adam 1e-3.
 
     References
     ----------
