@@ -33,6 +33,9 @@ WORKER = textwrap.dedent("""
         est.meta_fit(SinusoidTasks(k_shot=5, n_query=5), checkpoint=checkpoint, checkpoint_every=2)
         torch.save({{"params": est.params_, "history": est.history_, "n_iter": est.n_iter_}},
                    f"{{out}}.rank{{dist.get_rank()}}")
+        # both ranks finished before either tears its gloo pairs down: without it one run in
+        # about five aborted at exit ("terminate called without an active exception", rc -6)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 """)
