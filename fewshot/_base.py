@@ -429,8 +429,9 @@ class MetaLearner(BaseEstimator):
         if diverged:
             warnings.warn(
                 f"{type(self).__name__}: the Neumann series diverged in {diverged} of {steps} meta-steps "
-                "and was cut at its best partial sum; lower neumann_lr or raise lam so that "
-                "0 < neumann_lr * (1 + mu/lam) < 2 for the Hessian's eigenvalues mu (see the class docstring).",
+                "and was cut at its best partial sum; lower neumann_lr, raise lam or set damping so that "
+                "0 < neumann_lr * (1 + mu/(lam + damping)) < 2 for the Hessian's eigenvalues mu (see the "
+                "class docstring).",
                 SolverWarning, stacklevel=3)
 
     def _make_optimizer(self, params: Params):

@@ -352,6 +352,11 @@ class NeumannMAML(MetaLearner):
         Number of series terms K.
     neumann_lr : float, default=1.0
         Damping eta of the series.
+    damping : float, default=0.0
+        Added to ``lam`` in the linear system only, as :class:`IMAML`'s: the series approximates
+        ``(I + H/(lam + damping))^{-1} grad Lq(phi*)`` (``M = I + H/(lam + damping)`` above); the
+        inner problem is unchanged. It widens the curvature range where the series converges to
+        ``0 < eta (1 + mu/(lam + damping)) < 2``.
     {attributes}
     Notes
     -----
@@ -373,15 +378,17 @@ class NeumannMAML(MetaLearner):
     differentiation. AISTATS 2020.
     """
 
-    __init__ = estimator_init(**COMMON_PARAMS, lam=1.0, neumann_terms=4, neumann_lr=1.0)
-    _extra_checks = {"lam": _positive, "neumann_terms": _count, "neumann_lr": _positive}
+    __init__ = estimator_init(**COMMON_PARAMS, lam=1.0, neumann_terms=4, neumann_lr=1.0, damping=0.0)
+    _extra_checks = {"lam": _positive, "neumann_terms": _count, "neumann_lr": _positive,
+                     "damping": _non_negative}
 
     def _inner_lam(self):
         return float(self.lam)
 
     def _make_rule(self):
         return Implicit(self.inner_lr_, self.inner_steps, float(self.lam), linalg.neumann,
-                        self.neumann_terms, None, {"lr": float(self.neumann_lr), "stop_on_growth": True})
+                        self.neumann_terms, None, {"lr": float(self.neumann_lr), "stop_on_growth": True},
+                        damping=float(self.damping))
 
 
 @_doc

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fewshot
 from fewshot import linalg
 from fewshot._functional import inner_loop
 from fewshot._metagrad import FirstOrder, Implicit, ReptileRule, Unrolled, penalty_objective, query_objective
@@ -149,6 +150,24 @@ def test_neumann_equals_truncated_series(p, lam, lr, k, terms, eta):
     close(g["phi"], expected)
     residual = torch.linalg.vector_norm(rhs - M @ expected) / torch.linalg.vector_norm(rhs)
     torch.testing.assert_close(stats["solve_residual"], residual, rtol=1e-7, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), lams, lrs, steps, st.integers(1, 8), st.floats(0.05, 0.95), st.floats(0.0, 30.0))
+def test_neumann_damping_sums_the_series_of_the_damped_system(p, lam, lr, k, terms, u, damping):
+    """NeumannMAML's rule with ``damping``: eta sum_j (I - eta M)^j grad Lq(phi_k) with
+    M = I + A/(lam + damping), phi_k from the proximal loop with lam itself. eta is drawn where the
+    damped series converges (A's eigenvalues are at most 1), since the estimator cuts a growing one."""
+    eta = u * 2.0 / (1.0 + 1.0 / (lam + damping))
+    phi_k = gd_iterate(p, lr, k, lam)
+    M = p["I"] + p["A"] / (lam + damping)
+    rhs = p["B"] @ (phi_k - p["b"])
+    expected = eta * sum(torch.linalg.matrix_power(p["I"] - eta * M, j) for j in range(terms)) @ rhs
+    estimator = fewshot.NeumannMAML(lam=lam, inner_steps=k, neumann_terms=terms, neumann_lr=eta,
+                                    damping=damping)
+    estimator.inner_lr_ = lr  # resolved by meta_fit; the rule is the estimator's own
+    g, _ = estimator._make_rule()(QuadraticLoss(), p["theta"], p["task"])
+    close(g["phi"], expected)
 
 
 @settings(max_examples=25, deadline=None)

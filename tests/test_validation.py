@@ -30,6 +30,7 @@ def fitted(sampler):
     (fewshot.IMAML, dict(damping=-1.0), "damping"),
     (fewshot.NeumannMAML, dict(neumann_terms=0), "neumann_terms"),
     (fewshot.NeumannMAML, dict(neumann_lr=-1.0), "neumann_lr"),
+    (fewshot.NeumannMAML, dict(damping=-1.0), "damping"),
     (fewshot.PenaltyMAML, dict(penalty=-1.0), "penalty"),
     (fewshot.Reptile, dict(outer_stepsize=0.0), "outer_stepsize"),
     (fewshot.Reptile, dict(inner_data="query"), "inner_data"),
