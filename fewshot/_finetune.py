@@ -105,7 +105,7 @@ class FineTune(MetaLearner):
         handle = module.register_forward_hook(lambda m, inputs, out: captured.append(inputs[0]))
         try:
             with torch.no_grad():
-                self.fmodel_(params, x)
+                self.fmodel_.call_module(params, x)  # through the module: the hook must run
         finally:
             handle.remove()
         return captured[0]

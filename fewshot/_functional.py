@@ -21,11 +21,69 @@ from ._tree import Params
 __all__ = ["FunctionalModel", "TaskLoss", "LOSSES", "value_and_grad", "inner_loop", "make_hvp"]
 
 
+def _direct_plan(module: nn.Module):
+    """The layers of an unmodified :class:`~fewshot.models.Conv4` or :class:`~fewshot.models.MLP` as
+    ``[(layer, parameter prefix)]`` in call order, or ``None`` for any other module.
+
+    Those two networks are ``head(features(x))`` with ``features`` a (nested) ``nn.Sequential``
+    of ``Conv2d``, ``BatchNorm2d`` (batch statistics), ``MaxPool2x2``, ``ReLU``, ``Flatten`` and
+    ``Linear`` layers and no buffers, so ``f(params, x)`` can call ``torch.nn.functional``
+    directly on the parameter dict. ``functional_call`` computes the same function but swaps every
+    parameter into the module and back on each call, which costs about a quarter of a meta-step of
+    the small sinusoid MLP. Subclasses (which may override ``forward``) and any other layer type
+    get ``None``.
+    """
+    from .models import MLP, Conv4, MaxPool2x2
+
+    if type(module) not in (Conv4, MLP) or any(True for _ in module.buffers()):
+        return None
+    plan = []
+
+    def visit(m, prefix):
+        if type(m) is nn.Sequential:
+            return all(visit(child, f"{prefix}{name}.") for name, child in m.named_children())
+        if type(m) is nn.Conv2d:
+            ok = m.padding_mode == "zeros" and isinstance(m.padding, tuple)
+        elif type(m) is nn.BatchNorm2d:
+            ok = not m.track_running_stats and m.running_mean is None
+        else:
+            ok = type(m) in (nn.Linear, nn.ReLU, nn.Flatten, MaxPool2x2)
+        plan.append((m, prefix))
+        return ok
+
+    if not (visit(module.features, "features.") and visit(module.head, "head.")):
+        return None
+    return plan
+
+
+def _direct_forward(plan, params: Params, x: Tensor) -> Tensor:
+    for m, prefix in plan:
+        kind = type(m)
+        if kind is nn.Conv2d:
+            x = F.conv2d(x, params[prefix + "weight"], params.get(prefix + "bias"), m.stride, m.padding,
+                         m.dilation, m.groups)
+        elif kind is nn.BatchNorm2d:
+            x = F.batch_norm(x, None, None, params.get(prefix + "weight"), params.get(prefix + "bias"),
+                             True, 0.0, m.eps)
+        elif kind is nn.Linear:
+            x = F.linear(x, params[prefix + "weight"], params.get(prefix + "bias"))
+        elif kind is nn.ReLU:
+            x = torch.relu(x)
+        elif kind is nn.Flatten:
+            x = x.flatten(m.start_dim, m.end_dim)
+        else:  # MaxPool2x2: no parameters
+            x = m.forward(x)
+    return x
+
+
 class FunctionalModel:
     """A pure-function view ``f(params, x)`` of an :class:`nn.Module`.
 
     Holds a private copy of the module (the user's template is never touched) and its buffers;
-    parameters are always passed in, so one instance serves every task of a meta-batch.
+    parameters are always passed in, so one instance serves every task of a meta-batch. The
+    reference networks of :mod:`fewshot.models` are evaluated layer by layer with
+    ``torch.nn.functional`` (see :func:`_direct_plan`); any other module through
+    ``torch.func.functional_call``.
     """
 
     def __init__(self, module: nn.Module):
@@ -33,6 +91,7 @@ class FunctionalModel:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.buffers = {k: v for k, v in self.module.named_buffers()}
+        self._plan = _direct_plan(self.module)
 
     def init_params(self, device=None, dtype=None) -> Params:
         return {k: v.detach().clone().to(device=device, dtype=dtype)
@@ -43,7 +102,16 @@ class FunctionalModel:
         self.buffers = {k: v for k, v in self.module.named_buffers()}
         return self
 
+    _plan = None  # instances pickled before the direct path existed use functional_call
+
     def __call__(self, params: Params, x: Tensor) -> Tensor:
+        if self._plan is not None:
+            return _direct_forward(self._plan, params, x)
+        return self.call_module(params, x)
+
+    def call_module(self, params: Params, x: Tensor) -> Tensor:
+        """``f(params, x)`` through the module itself (``functional_call``), so that its forward
+        hooks run."""
         if self.buffers:
             return functional_call(self.module, (params, self.buffers), (x,))
         return functional_call(self.module, params, (x,))

@@ -13,7 +13,7 @@ from fewshot import linalg
 from fewshot._functional import LOSSES, FunctionalModel, TaskLoss, make_hvp
 from fewshot._metagrad import FirstOrder, Implicit, Unrolled, penalty_objective, query_objective
 from fewshot._tree import tree_norm
-from fewshot.models import Conv4, init_parameters
+from fewshot.models import MLP, Conv4, init_parameters
 from fewshot.tasks import GaussianClusterTasks, SinusoidTasks
 
 DT = torch.float64
@@ -265,3 +265,54 @@ def test_class_batches():
     assert [b.tolist() for b in _class_batches(y, 2, 2)] == [[1, 3, 2, 4, 0, 5], [6, 1, 7, 2, 8, 0]]
     with pytest.raises(ValueError, match="same number of examples of every class"):
         _class_batches(torch.tensor([0, 0, 1]), 1, 1)
+
+
+class Conv4Subclass(Conv4):
+    def forward(self, x):  # a different function: the direct path must not be used
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize("kind", ["conv4", "mlp"])
+def test_direct_forward_of_reference_networks_matches_functional_call(kind):
+    """fewshot.models' Conv4 and MLP run layer by layer on the parameter dict (no functional_call);
+    values, second-order meta-gradients and Hessian-vector products are those through the module."""
+    gen = torch.Generator().manual_seed(4)
+    if kind == "conv4":
+        module = init_parameters(Conv4(in_channels=1, n_outputs=3, hidden=8, image_size=16), gen).to(DT)
+        xs, xq = (torch.rand((n, 1, 16, 16), generator=gen, dtype=DT) for n in (6, 9))
+        ys, yq = torch.arange(3).repeat(2), torch.arange(3).repeat(3)
+        loss = LOSSES["cross_entropy"][:2]
+    else:
+        module = init_parameters(MLP(1, 1, (8, 8)), gen).to(DT)
+        xs, xq = (torch.rand((n, 1), generator=gen, dtype=DT) for n in (6, 9))
+        ys, yq = torch.rand(6, generator=gen, dtype=DT), torch.rand(9, generator=gen, dtype=DT)
+        loss = LOSSES["mse"][:2]
+    fmodel = FunctionalModel(module)
+    assert fmodel._plan is not None  # the direct path is the one under test
+    theta = fmodel.init_params()
+    torch.testing.assert_close(fmodel(theta, xq), fmodel.call_module(theta, xq), rtol=0, atol=0)
+
+    class ThroughModule(FunctionalModel):
+        __call__ = FunctionalModel.call_module
+
+    task = type(sinusoid_task())(type(sinusoid_task().support)(xs, ys), type(sinusoid_task().query)(xq, yq))
+    losses = [TaskLoss(f, *loss) for f in (fmodel, ThroughModule(module))]
+    g_direct, g_module = (Unrolled(0.4, 2, query_objective)(tl, theta, task)[0] for tl in losses)
+    assert rel_err(g_direct, g_module) < 1e-12
+    v = {k: torch.randn(t.shape, generator=gen, dtype=DT) for k, t in theta.items()}
+    h_direct, h_module = (make_hvp(tl, theta, xs, ys, "fwdrev")(v) for tl in losses)
+    assert rel_err(h_direct, h_module) < 1e-12
+
+
+def test_direct_forward_only_for_unmodified_reference_networks():
+    assert FunctionalModel(Conv4(hidden=4))._plan is not None
+    assert FunctionalModel(Conv4Subclass(hidden=4))._plan is None
+    assert FunctionalModel(smooth_mlp())._plan is None  # a plain Sequential
+    tracked = Conv4(hidden=4)
+    tracked.features[0][1] = nn.BatchNorm2d(4)  # running statistics: buffers
+    assert FunctionalModel(tracked)._plan is None
+    odd = MLP(1, 1, (4,))
+    odd.features[2] = nn.Tanh()  # a layer the direct path does not know
+    assert FunctionalModel(odd)._plan is None
+    x = torch.rand(3, 1)
+    torch.testing.assert_close(FunctionalModel(odd)(dict(odd.named_parameters()), x), odd(x))
