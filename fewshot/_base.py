@@ -282,6 +282,7 @@ class MetaLearner(BaseEstimator):
                 name = "conv4" if len(self.input_shape_) == 3 else "mlp"
             module = _models.build_model(name, self.input_shape_, n_out, torch.Generator().manual_seed(seed))
         self.fmodel_ = FunctionalModel(module).to(device=device, dtype=dtype)
+        self._example_flops_cache = None
         self._check_model_outputs(n_out, device, dtype)
         self._loss_parts = (loss_fn, metric)
 
@@ -498,14 +499,34 @@ class MetaLearner(BaseEstimator):
         check_labeled_set(batch.support, name=f"{name}: support", require_all_classes=True, **kw)
         check_labeled_set(batch.query, name=f"{name}: query", **kw)
 
+    #: "auto" runs tasks on threads only for networks whose forward pass of one example costs at
+    #: least this many FLOPs (matrix products and convolutions).
+    _THREADED_EXAMPLE_FLOPS = 1e6
+
     def _task_workers(self) -> int:
         """Threads that process a meta-batch's tasks: ``task_threads``; "auto" is PyTorch's
         intra-op thread count on CPU (each task thread then runs one intra-op thread) and 1 on
-        other devices, whose kernels are asynchronous already."""
+        other devices, whose kernels are asynchronous already, and 1 for small networks."""
         if self.task_threads != "auto":
             return int(self.task_threads)
         device = next(iter(self.params_.values())).device if hasattr(self, "params_") else self._resolve_device()
-        return torch.get_num_threads() if device.type == "cpu" else 1
+        if device.type != "cpu" or torch.get_num_threads() == 1:
+            return 1
+        return torch.get_num_threads() if self._example_flops() >= self._THREADED_EXAMPLE_FLOPS else 1
+
+    def _example_flops(self) -> float:
+        """FLOPs of the network's forward pass per example (``FlopCounterMode`` on two zero inputs,
+        counted once)."""
+        if getattr(self, "_example_flops_cache", None) is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            theta = self.params_ if hasattr(self, "params_") else self.fmodel_.init_params()
+            like = next(iter(theta.values()))
+            x = torch.zeros((2, *self.input_shape_), device=like.device, dtype=like.dtype)
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                self.fmodel_(theta, x)
+            self._example_flops_cache = counter.get_total_flops() / 2
+        return self._example_flops_cache
 
     def _step_gradient(self, rule, params: Params, batch: TaskBatch):
         """Mean over the meta-batch of the per-task meta-gradients and statistics."""

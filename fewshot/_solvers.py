@@ -70,8 +70,10 @@ _COMMON_DOC = """
     task_threads : int or "auto", default="auto"
         Python threads that process the tasks of a meta-batch in parallel, each with one intra-op
         thread. "auto": ``torch.get_num_threads()`` on CPU (tasks are many small operations, which
-        intra-op threading parallelises poorly), 1 on CUDA. The result does not depend on it
-        beyond floating-point summation order within kernels.
+        intra-op threading parallelises poorly) when a forward pass of one example costs at least
+        1 MFLOP (the Omniglot Conv4: 20 MFLOP), and 1 for smaller networks (the sinusoid MLP:
+        3 kFLOP; there Python overhead dominates and threads contend for the interpreter) and on
+        CUDA. The result does not depend on it beyond floating-point summation order within kernels.
 """
 
 _ATTRIBUTES_DOC = """

@@ -316,3 +316,25 @@ def test_direct_forward_only_for_unmodified_reference_networks():
     assert FunctionalModel(odd)._plan is None
     x = torch.rand(3, 1)
     torch.testing.assert_close(FunctionalModel(odd)(dict(odd.named_parameters()), x), odd(x))
+
+
+def test_auto_task_threads_follow_the_cost_of_a_forward_pass():
+    """"auto" threads tasks for networks of at least 1 MFLOP per example (Omniglot's Conv4: 19.6)
+    and runs small ones (the sinusoid MLP: 3.4 kFLOP) on one thread."""
+    import fewshot
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small = fewshot.MAML(meta_steps=1, meta_batch_size=2, random_state=0).meta_fit(SinusoidTasks())
+        assert small._example_flops() == 2 * (1 * 40 + 40 * 40 + 40 * 1)
+        assert small._task_workers() == 1
+        assert small.set_params(task_threads=2)._task_workers() == 2  # an explicit count is kept
+        conv = fewshot.MAML(model=Conv4(n_outputs=5), meta_steps=0)
+        conv.input_shape_ = (1, 28, 28)
+        conv.fmodel_ = FunctionalModel(conv.model)
+        conv._example_flops_cache = None
+        assert abs(conv._example_flops() - 19.63e6) < 0.01e6  # docs/benchmarks.md's count by hand
+        assert conv._task_workers() == 2
+    finally:
+        torch.set_num_threads(before)
