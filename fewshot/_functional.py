@@ -30,12 +30,14 @@ def _direct_plan(module: nn.Module):
     ``Linear`` layers and no buffers, so ``f(params, x)`` can call ``torch.nn.functional``
     directly on the parameter dict. ``functional_call`` computes the same function but swaps every
     parameter into the module and back on each call, which costs about a quarter of a meta-step of
-    the small sinusoid MLP. Subclasses (which may override ``forward``) and any other layer type
-    get ``None``.
+    the small sinusoid MLP. Subclasses (which may override ``forward``), any other layer type and
+    modules with forward hooks (which only a call through the module runs) get ``None``.
     """
     from .models import MLP, Conv4, MaxPool2x2
 
     if type(module) not in (Conv4, MLP) or any(True for _ in module.buffers()):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
         return None
     plan = []
 

@@ -311,6 +311,9 @@ def test_direct_forward_only_for_unmodified_reference_networks():
     tracked = Conv4(hidden=4)
     tracked.features[0][1] = nn.BatchNorm2d(4)  # running statistics: buffers
     assert FunctionalModel(tracked)._plan is None
+    hooked = Conv4(hidden=4)
+    hooked.features[1].register_forward_hook(lambda m, i, o: None)  # only runs through the module
+    assert FunctionalModel(hooked)._plan is None
     odd = MLP(1, 1, (4,))
     odd.features[2] = nn.Tanh()  # a layer the direct path does not know
     assert FunctionalModel(odd)._plan is None
