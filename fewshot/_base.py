@@ -555,8 +555,12 @@ class MetaLearner(BaseEstimator):
         if rule is not None:
             rule.full_stats = bool(self.full_history)
             if hasattr(rule, "hvp_mode"):
-                # forward-mode AD is not thread-safe; with one thread, forward-over-reverse
-                rule.hvp_mode = "revrev" if self._task_workers() > 1 else "fwdrev"
+                # Forward-mode AD is not thread-safe, so threads use reverse-over-reverse. With one
+                # thread, forward-over-reverse keeps no graph between products (less memory on large
+                # networks); small ones use reverse-over-reverse, cheaper per product (sinusoid MLP,
+                # IMAML k=1: 0.147 s per meta-step with forward-over-reverse, see docs/benchmarks.md).
+                small = self._example_flops() < self._THREADED_EXAMPLE_FLOPS
+                rule.hvp_mode = "revrev" if self._task_workers() > 1 or small else "fwdrev"
         return rule
 
     def _inner_lam(self):
