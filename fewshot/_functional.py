@@ -22,11 +22,12 @@ __all__ = ["FunctionalModel", "TaskLoss", "LOSSES", "value_and_grad", "inner_loo
 
 
 def _direct_plan(module: nn.Module):
-    """The layers of an unmodified :class:`~fewshot.models.Conv4` or :class:`~fewshot.models.MLP` as
-    ``[(layer, parameter prefix)]`` in call order, or ``None`` for any other module.
+    """The layers of an unmodified :class:`~fewshot.models.Conv4` or :class:`~fewshot.models.MLP`, or
+    of a plain ``nn.Sequential``, as ``[(layer, parameter prefix)]`` in call order, or ``None`` for
+    any other module.
 
     Those two networks are ``head(features(x))`` with ``features`` a (nested) ``nn.Sequential``
-    of ``Conv2d``, ``BatchNorm2d`` (batch statistics), ``MaxPool2x2``, ``ReLU``, ``Flatten`` and
+    (a plain ``nn.Sequential`` is its layers in order), all of ``Conv2d``, ``BatchNorm2d`` (batch statistics), ``MaxPool2x2``, ``ReLU``, ``Flatten`` and
     ``Linear`` layers and no buffers, so ``f(params, x)`` can call ``torch.nn.functional``
     directly on the parameter dict. ``functional_call`` computes the same function but swaps every
     parameter into the module and back on each call, which costs about a quarter of a meta-step of
@@ -35,7 +36,7 @@ def _direct_plan(module: nn.Module):
     """
     from .models import MLP, Conv4, MaxPool2x2
 
-    if type(module) not in (Conv4, MLP) or any(True for _ in module.buffers()):
+    if type(module) not in (Conv4, MLP, nn.Sequential) or any(True for _ in module.buffers()):
         return None
     if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
         return None
@@ -53,7 +54,11 @@ def _direct_plan(module: nn.Module):
         plan.append((m, prefix))
         return ok
 
-    if not (visit(module.features, "features.") and visit(module.head, "head.")):
+    if type(module) is nn.Sequential:
+        ok = visit(module, "")
+    else:
+        ok = visit(module.features, "features.") and visit(module.head, "head.")
+    if not ok:
         return None
     return plan
 

@@ -307,7 +307,12 @@ def test_direct_forward_of_reference_networks_matches_functional_call(kind):
 def test_direct_forward_only_for_unmodified_reference_networks():
     assert FunctionalModel(Conv4(hidden=4))._plan is not None
     assert FunctionalModel(Conv4Subclass(hidden=4))._plan is None
-    assert FunctionalModel(smooth_mlp())._plan is None  # a plain Sequential
+    assert FunctionalModel(smooth_mlp())._plan is None  # Tanh: not a layer the direct path knows
+    relu_mlp = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 1))).to(DT)
+    plain = FunctionalModel(relu_mlp)
+    assert plain._plan is not None  # a plain Sequential of known layers
+    x = torch.rand(5, 1, dtype=DT)
+    torch.testing.assert_close(plain(dict(relu_mlp.named_parameters()), x), relu_mlp(x), rtol=0, atol=0)
     tracked = Conv4(hidden=4)
     tracked.features[0][1] = nn.BatchNorm2d(4)  # running statistics: buffers
     assert FunctionalModel(tracked)._plan is None
@@ -339,5 +344,13 @@ def test_auto_task_threads_follow_the_cost_of_a_forward_pass():
         conv._example_flops_cache = None
         assert abs(conv._example_flops() - 19.63e6) < 0.01e6  # docs/benchmarks.md's count by hand
         assert conv._task_workers() == 2
+        # Hessian-vector products on one thread: reverse-over-reverse for the small network
+        # (cheaper per product), forward-over-reverse for Conv4 (no graph kept between products)
+        small_imaml = fewshot.IMAML(task_threads=1, meta_steps=1, meta_batch_size=2).meta_fit(SinusoidTasks())
+        assert small_imaml._rule().hvp_mode == "revrev"
+        conv_imaml = fewshot.IMAML(model=Conv4(n_outputs=5), task_threads=1)
+        conv_imaml.input_shape_, conv_imaml.inner_lr_ = (1, 28, 28), 0.1
+        conv_imaml.fmodel_, conv_imaml._example_flops_cache = FunctionalModel(conv_imaml.model), None
+        assert conv_imaml._rule().hvp_mode == "fwdrev"
     finally:
         torch.set_num_threads(before)
