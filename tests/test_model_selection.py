@@ -216,6 +216,7 @@ def test_omniglot_split_keeps_rotations_of_a_character_together(tmp_path, monkey
     from fewshot.datasets import OmniglotTasks, _omniglot
 
     monkeypatch.setattr(_omniglot, "_EXPECTED", _tiny_omniglot(tmp_path, 6))
+    monkeypatch.setenv("FEWSHOT_CACHE", str(tmp_path / "cache"))  # keep the user's cache of the real data
     sampler = OmniglotTasks(n_way=3, k_shot=1, n_query=2, split="lake", subset="test", data_home=tmp_path,
                             augment_rotations=True)
     assert sampler.n_classes == 24
