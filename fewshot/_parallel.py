@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["map_tasks", "thread_local_copy", "intra_op_threads"]
+__all__ = ["imap_tasks", "thread_local_copy", "intra_op_threads"]
 
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}
 _LOCK = threading.Lock()
@@ -61,10 +61,16 @@ def intra_op_threads(n: int):
         torch.set_num_threads(before)
 
 
-def map_tasks(fn, tasks, workers: int) -> list:
-    """``[fn(t) for t in tasks]``, on ``workers`` threads with one intra-op thread each."""
+def imap_tasks(fn, tasks, workers: int):
+    """``fn(t)`` for ``t`` in ``tasks``, yielded in order as they finish, on ``workers`` threads with
+    one intra-op thread each (the thread count is restored when the iterator is exhausted or closed).
+
+    A result is dropped by the pool once yielded, so a caller that reduces as it iterates holds
+    at most the results that finished ahead of it."""
     tasks = list(tasks)
     if workers <= 1 or len(tasks) <= 1:
-        return [fn(t) for t in tasks]
+        for t in tasks:
+            yield fn(t)
+        return
     with intra_op_threads(1):
-        return list(_executor(workers).map(fn, tasks))
+        yield from _executor(workers).map(fn, tasks)
