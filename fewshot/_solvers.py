@@ -74,6 +74,9 @@ _COMMON_DOC = """
         1 MFLOP (the Omniglot Conv4: 20 MFLOP), and 1 for smaller networks (the sinusoid MLP:
         3 kFLOP; there Python overhead dominates and threads contend for the interpreter) and on
         CUDA. The result does not depend on it beyond floating-point summation order within kernels.
+        Each thread holds one task's graph: second-order MAML on the Omniglot benchmark peaks at
+        about +350 MB with 2 task threads and +160 MB with 1 (learn2learn: +220 MB), at 1.5-1.7x the
+        time per meta-step. Use 1 when memory binds (``docs/benchmarks.md``).
 """
 
 _ATTRIBUTES_DOC = """
