@@ -552,7 +552,7 @@ class MetaLearner(BaseEstimator):
             for k, v in s.items():
                 stats[k] = stats[k] + v if k in stats else v
             n += 1
-            del g, s
+            del g, s  # else the loop variables keep this task's gradient alive during the next task
         return {k: v / n for k, v in grads.items()}, {k: v / n for k, v in stats.items()}
 
     # ------------------------------------------------------------------ the solver's parts
