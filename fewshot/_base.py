@@ -512,7 +512,12 @@ class MetaLearner(BaseEstimator):
         device = next(iter(self.params_.values())).device if hasattr(self, "params_") else self._resolve_device()
         if device.type != "cpu" or torch.get_num_threads() == 1:
             return 1
-        return torch.get_num_threads() if self._example_flops() >= self._THREADED_EXAMPLE_FLOPS else 1
+        return 1 if self._small_network() else torch.get_num_threads()
+
+    def _small_network(self) -> bool:
+        """Whether a forward pass of one example costs under ``_THREADED_EXAMPLE_FLOPS``: Python
+        overhead, not arithmetic, dominates such a network's meta-step."""
+        return self._example_flops() < self._THREADED_EXAMPLE_FLOPS
 
     def _example_flops(self) -> float:
         """FLOPs of the network's forward pass per example (``FlopCounterMode`` on two zero inputs,
@@ -568,8 +573,7 @@ class MetaLearner(BaseEstimator):
                 # thread, forward-over-reverse keeps no graph between products (less memory on large
                 # networks); small ones use reverse-over-reverse, cheaper per product (sinusoid MLP,
                 # IMAML k=1, one thread: 0.147 s per meta-step with forward-over-reverse, 0.038 s).
-                small = self._example_flops() < self._THREADED_EXAMPLE_FLOPS
-                rule.hvp_mode = "revrev" if self._task_workers() > 1 or small else "fwdrev"
+                rule.hvp_mode = "revrev" if self._task_workers() > 1 or self._small_network() else "fwdrev"
         return rule
 
     def _inner_lam(self):
