@@ -191,8 +191,9 @@ def make_estimator(name: str, params: dict):
 
 
 def _solver_spec(config: dict, name: str) -> dict:
-    shared = {k: v for k, v in config.items() if k != "solvers"}
-    return {"format": _FORMAT, "solver": name, **shared, "params": config["solvers"][name]}
+    shared = {k: v for k, v in config.items() if k not in ("solvers", "solver_tasks")}
+    own = config.get("solver_tasks", {}).get(name, {})
+    return {"format": _FORMAT, "solver": name, **shared, **own, "params": config["solvers"][name]}
 
 
 # --------------------------------------------------------------------------------------------------

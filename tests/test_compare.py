@@ -1,5 +1,6 @@
 """`fewshot compare` end to end: tables, files, figures, resuming, protocols, the command line."""
 
+import copy
 import csv
 import json
 import os
@@ -286,7 +287,7 @@ def test_tuned_protocol_precedence_and_overrides():
                                                                  table["shared"]["adapt_steps"])
     expected = {**table["solvers"]["IMAML"], **table["datasets"]["omniglot"].get("solvers", {}).get("IMAML", {})}
     for key, value in expected.items():  # per-dataset solver entries win over general ones
-        assert s["IMAML"][key] == value, key
+        assert (config["solver_tasks"]["IMAML"] if key == "n_query" else s["IMAML"])[key] == value, key
     sinusoid = _protocols.resolve("tuned", "sinusoid", ["IMAML"])["solvers"]["IMAML"]
     assert sinusoid["lam"] == table["datasets"]["sinusoid"]["solvers"]["IMAML"]["lam"]
     assert sinusoid["inner_lr"] == table["datasets"]["sinusoid"]["shared"]["inner_lr"]
@@ -300,6 +301,27 @@ def test_tuned_protocol_precedence_and_overrides():
     finetune = s["FineTune"]
     assert (finetune["inner_steps"], finetune["inner_lr"], finetune["meta_steps"]) == (100, 0.1, 7)
     assert all(p["random_state"] == 5 and p["adapt_steps"] == 4 for p in s.values())
+
+
+def test_a_solver_entry_sets_its_own_training_query_size(tmp_path, monkeypatch):
+    table = copy.deepcopy(_protocols.PROTOCOLS)
+    table["tuned"]["datasets"]["sinusoid"]["solvers"]["FOMAML"] = {"n_query": 3, "inner_steps": 2}
+    monkeypatch.setattr(_protocols, "PROTOCOLS", table)
+    config = _protocols.resolve("tuned", "sinusoid", ["MAML", "FOMAML"])
+    assert config["solver_tasks"] == {"FOMAML": {"n_query": 3}}
+    assert "n_query" not in config["solvers"]["FOMAML"] and config["solvers"]["FOMAML"]["inner_steps"] == 2
+    run_comparison(["MAML", "FOMAML"], dataset="sinusoid", meta_steps=2, meta_batch_size=2, eval_tasks=2,
+                   fidelity_tasks=0, quiet=True, isolate=False, threads=1, out=tmp_path / "a")
+    specs = {n: json.loads((tmp_path / "a" / n / "config.json").read_text()) for n in ("MAML", "FOMAML")}
+    shared = table["tuned"]["datasets"]["sinusoid"]["shared"]["n_query"]
+    assert (specs["MAML"]["n_query"], specs["FOMAML"]["n_query"]) == (shared, 3)
+    train, test = _compare.make_samplers(specs["FOMAML"])  # what the solver's run trained on
+    assert train.sample(random_state=0).query.x.shape[0] == 3
+    assert test.sample(random_state=0).query.x.shape[0] == specs["FOMAML"]["eval_query"]
+    # a command-line query size wins over the solver's entry, as over every protocol value
+    over = _protocols.resolve("tuned", "sinusoid", ["MAML", "FOMAML"], {"n_query": 4})
+    assert over["solver_tasks"] == {} and over["n_query"] == 4
+    assert _compare._solver_spec(over, "FOMAML")["n_query"] == 4
 
 
 def test_moving_average_and_figures():
