@@ -149,7 +149,7 @@ PROTOCOLS = {
                     # 96.71 / 97.23 / 97.34% on validation (MAML under that protocol: 97.39 / 97.40).
                     "IMAML": {"lam": 1.0, "cg_steps": 5, "inner_steps": 5, "adapt_steps": 20, "inner_lr": 0.01,
                               "meta_lr": 1e-3, "n_query": 15},
-                    # The same inner loop and damped system as IMAML, I + H/(lam + 22), summed by the
+                    # IMAML's earlier inner loop and damped system, I + H/(lam + 22), summed by the
                     # series with eta=1 (the report's listing): it converges for |curvature| < 24.
                     # 2,000-step runs, 600 validation tasks: undamped system with eta=0.2 at Adam 1e-3
                     # 94.86%, at 5e-3 89.78% (the series diverged in 30-86% of the tasks per step);

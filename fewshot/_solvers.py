@@ -370,8 +370,8 @@ class NeumannMAML(MetaLearner):
     {attributes}
     Notes
     -----
-    Settings on Omniglot (``fewshot compare``, ``docs/results.md``): IMAML's inner problem, loop and
-    damped system (``lam=2``, 16 steps of 0.1, ``damping=22``) and schedule (Adam 5e-3 annealed
+    Settings on Omniglot (``fewshot compare``, ``docs/results.md``): IMAML's earlier inner problem,
+    loop and damped system (``lam=2``, 16 steps of 0.1, ``damping=22``) and schedule (Adam 5e-3 annealed
     linearly to zero), summed by 4 terms of the plain series (``eta=1``, the report's "k=3"), which
     converges for curvature between -24 and 24: **95.8%** after 2,000 meta-steps (validation 95.6%;
     IMAML at the same step 96.2%). Without damping ``eta=1`` needs ``|mu| < lam`` and diverges on Conv4; the first
