@@ -278,16 +278,19 @@ def test_report_protocol_is_table_1():
 def test_tuned_protocol_precedence_and_overrides():
     # The tuned numbers will change; the order in which the table's parts apply must not.
     table = _protocols.PROTOCOLS["tuned"]
-    config = _protocols.resolve("tuned", "omniglot", ["MAML", "IMAML", "Reptile", "FineTune"])
-    amended = table["datasets"]["omniglot"]["shared"]
-    assert config["n_query"] == amended.get("n_query", table["shared"]["n_query"])
-    assert config["eval_query"] == 15
+    names = ["MAML", "IMAML", "PenaltyMAML", "Reptile", "FineTune"]
+    config = _protocols.resolve("tuned", "omniglot", names)
+    shared = {**table["shared"], **table["datasets"]["omniglot"]["shared"]}
+    assert config["n_query"] == shared["n_query"] and config["eval_query"] == 15
     s = config["solvers"]
-    assert (s["MAML"]["inner_lr"], s["MAML"]["adapt_steps"]) == (table["shared"]["inner_lr"],
-                                                                 table["shared"]["adapt_steps"])
-    expected = {**table["solvers"]["IMAML"], **table["datasets"]["omniglot"].get("solvers", {}).get("IMAML", {})}
-    for key, value in expected.items():  # per-dataset solver entries win over general ones
-        assert (config["solver_tasks"]["IMAML"] if key == "n_query" else s["IMAML"])[key] == value, key
+    for name in names[:3]:
+        # shared < general solver entry < per-dataset solver entry; a query size lands in solver_tasks
+        expected = {**{k: shared[k] for k in ("inner_lr", "adapt_steps", "meta_lr")},
+                    **table["solvers"].get(name, {}),
+                    **table["datasets"]["omniglot"].get("solvers", {}).get(name, {})}
+        for key, value in expected.items():
+            got = config["solver_tasks"].get(name, {}) if key in _protocols.SOLVER_TASK_KEYS else s[name]
+            assert got[key] == value, (name, key)
     sinusoid = _protocols.resolve("tuned", "sinusoid", ["IMAML"])["solvers"]["IMAML"]
     assert sinusoid["lam"] == table["datasets"]["sinusoid"]["solvers"]["IMAML"]["lam"]
     assert sinusoid["inner_lr"] == table["datasets"]["sinusoid"]["shared"]["inner_lr"]
