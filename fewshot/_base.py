@@ -489,15 +489,14 @@ class MetaLearner(BaseEstimator):
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"{type(sampler).__name__}.sample(n_tasks) must return a TaskBatch, "
                             f"got {type(batch).__name__}")
-        batch = batch.to(device, dtype)
-        self._check_batch(batch, name="sampled tasks")
-        return batch
+        return self._check_batch(batch.to(device, dtype), name="sampled tasks")
 
-    def _check_batch(self, batch: TaskBatch, name: str):
+    def _check_batch(self, batch: TaskBatch, name: str) -> TaskBatch:
+        """The batch, validated, with integer class labels as int64."""
         kw = dict(input_shape=self.input_shape_, task_type=self.task_type_, n_outputs=self.n_outputs_,
                   batch_dims=2)
-        check_labeled_set(batch.support, name=f"{name}: support", require_all_classes=True, **kw)
-        check_labeled_set(batch.query, name=f"{name}: query", **kw)
+        return TaskBatch(check_labeled_set(batch.support, name=f"{name}: support", require_all_classes=True, **kw),
+                         check_labeled_set(batch.query, name=f"{name}: query", **kw))
 
     #: "auto" runs tasks on threads only for networks whose forward pass of one example costs at
     #: least this many FLOPs (matrix products and convolutions).
@@ -599,8 +598,7 @@ class MetaLearner(BaseEstimator):
         self._check_fitted()
         batch = as_task_batch(tasks)
         device, dtype = self._device_dtype()
-        batch = batch.to(device, dtype)
-        self._check_batch(batch, name="tasks")
+        batch = self._check_batch(batch.to(device, dtype), name="tasks")
         theta = self.params_ if params is None else {k: params[k].to(device, dtype) for k in self.params_}
         rule, task_loss = self._rule(), self._task_loss
         return [{k: v.detach() for k, v in rule(task_loss, theta, task)[0].items()} for task in batch]
@@ -642,8 +640,7 @@ class MetaLearner(BaseEstimator):
             tasks = tasks.sample(n_tasks, random_state=random_state)
         batch = as_task_batch(tasks)
         device, dtype = self._device_dtype()
-        batch = batch.to(device, dtype)
-        self._check_batch(batch, name="tasks")  # validated once, for every task
+        batch = self._check_batch(batch.to(device, dtype), name="tasks")  # validated once, for every task
         scores = []
         for task in batch:
             adapted = self._adapted(task.support, device, dtype)

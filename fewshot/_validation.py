@@ -74,7 +74,7 @@ def check_targets(y, x, name, *, task_type, n_outputs, batch_dims=1, require_all
             raise ValueError(f"{name} labels must lie in 0..{n_outputs - 1} (n_way={n_outputs}), "
                              f"got labels in {lo}..{hi}")
         if require_all_classes:
-            counts = torch.nn.functional.one_hot(y.reshape(-1, n[-1]), n_outputs).sum(1)
+            counts = torch.nn.functional.one_hot(y.reshape(-1, n[-1]).long(), n_outputs).sum(1)
             absent = (counts == 0).nonzero()
             if len(absent):
                 task = int(absent[0, 0])
@@ -98,4 +98,6 @@ def check_labeled_set(data, *, input_shape, task_type, n_outputs, name, batch_di
     check_inputs(data.x, input_shape, f"{name}.x", batch_dims=batch_dims)
     check_targets(data.y, data.x, f"{name}.y", task_type=task_type, n_outputs=n_outputs,
                   batch_dims=batch_dims, require_all_classes=require_all_classes)
+    if task_type == "classification" and data.y.dtype != torch.int64:
+        data = LabeledSet(data.x, data.y.long())  # any integer labels (int32 from numpy, uint8)
     return data

@@ -133,6 +133,32 @@ def test_fuzz_adapt_either_works_or_raises_a_clear_error(cls, data):
     assert torch.isfinite(proba).all() and torch.allclose(proba.sum(1), torch.ones(5))
 
 
+class Int32Labels(GaussianClusterTasks):
+    """Tasks whose labels come as int32, as from numpy on some platforms."""
+
+    def _sample(self, n, gen):
+        good = super()._sample(n, gen)
+        return type(good)(LabeledSet(good.support.x, good.support.y.int()), LabeledSet(good.query.x, good.query.y.int()))
+
+
+@pytest.mark.parametrize("cls", [fewshot.MAML, fewshot.IMAML, fewshot.FineTune])
+def test_integer_labels_of_any_dtype_work_as_int64(cls):
+    est = fitted(cls)
+    kw = dict(n_way=3, k_shot=2, n_query=2, n_features=4, n_classes=12)
+    x, y = GaussianClusterTasks(**kw).sample(random_state=1).support
+    query = torch.randn(5, 4)
+    expected = est.adapt((x, y)).predict_proba(query)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        torch.testing.assert_close(est.adapt((x, y.to(dtype))).predict_proba(query), expected)
+    assert est.score(Int32Labels(**kw), n_tasks=3) == est.score(GaussianClusterTasks(**kw), n_tasks=3)
+    if cls is not fewshot.FineTune:  # meta-training on int32 labels: the same run as on int64
+        common = dict(meta_steps=2, random_state=0, meta_batch_size=2, inner_steps=1)
+        a = cls(**common).meta_fit(Int32Labels(**kw))
+        b = cls(**common).meta_fit(GaussianClusterTasks(**kw))
+        for k in a.params_:
+            torch.testing.assert_close(a.params_[k], b.params_[k], rtol=0, atol=0)
+
+
 class BadSampler(fewshot.tasks.TaskSampler):
     task_type, input_shape, n_outputs, n_way = "classification", (4,), 3, 3
 
