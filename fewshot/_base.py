@@ -495,8 +495,8 @@ class MetaLearner(BaseEstimator):
         """The batch, validated, with integer class labels as int64."""
         kw = dict(input_shape=self.input_shape_, task_type=self.task_type_, n_outputs=self.n_outputs_,
                   batch_dims=2)
-        return TaskBatch(check_labeled_set(batch.support, name=f"{name}: support", require_all_classes=True, **kw),
-                         check_labeled_set(batch.query, name=f"{name}: query", **kw))
+        support = check_labeled_set(batch.support, name=f"{name}: support", require_all_classes=True, **kw)
+        return TaskBatch(support, check_labeled_set(batch.query, name=f"{name}: query", **kw))
 
     #: "auto" runs tasks on threads only for networks whose forward pass of one example costs at
     #: least this many FLOPs (matrix products and convolutions).

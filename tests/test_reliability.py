@@ -138,7 +138,7 @@ class Int32Labels(GaussianClusterTasks):
 
     def _sample(self, n, gen):
         good = super()._sample(n, gen)
-        return type(good)(LabeledSet(good.support.x, good.support.y.int()), LabeledSet(good.query.x, good.query.y.int()))
+        return type(good)(*(LabeledSet(part.x, part.y.int()) for part in (good.support, good.query)))
 
 
 @pytest.mark.parametrize("cls", [fewshot.MAML, fewshot.IMAML, fewshot.FineTune])
