@@ -116,6 +116,17 @@ def plot_learning_curves(histories: Mapping[str, Mapping[str, Sequence[float]]],
     return fig
 
 
+def _mean_pm(mean: float, ci: float) -> str:
+    """``mean ± ci`` with the interval to two significant digits and the mean to the same decimal
+    place (0.98 with an interval of 0.0024 is ``0.9800 ± 0.0024``, not ``0.98 ± 0.0024``)."""
+    if not np.isfinite(ci):
+        return f"{mean:.3g}"
+    if ci <= 0:
+        return f"{mean:.4g} ± 0"
+    decimals = max(0, 1 - math.floor(math.log10(ci)))
+    return f"{mean:.{decimals}f} ± {ci:.{decimals}f}"
+
+
 def plot_score_vs_time(results: Sequence[Mapping], *, score_label: str = "meta-test accuracy",
                        title: str | None = None):
     """Final score (with its 95% confidence interval) and meta-training time, per method.
@@ -153,8 +164,7 @@ def plot_score_vs_time(results: Sequence[Mapping], *, score_label: str = "meta-t
     for i in np.flatnonzero(~ok):
         ax_s.text(0, y[i], " " + str(results[i].get("status") or "no score"), va="center",
                   fontsize="small")
-    labels = [f"{n}\n{s:.3g} ± {c:.2g}" if np.isfinite(s) and np.isfinite(c)
-              else (f"{n}\n{s:.3g}" if np.isfinite(s) else n) for n, s, c in zip(names, score, ci)]
+    labels = [f"{n}\n{_mean_pm(s, c)}" if np.isfinite(s) else n for n, s, c in zip(names, score, ci)]
     ax_s.set_yticks(y, labels)
     ax_s.invert_yaxis()
     ax_s.set_xlabel(f"{score_label} (95% CI)")
