@@ -145,7 +145,9 @@ PROTOCOLS = {
                     # eigenvalue is 600 to 1,800 at MAML's theta (about 0 after the 5 steps), -2,000 to
                     # -3,000 at IMAML's.
                     "MAML": {**REPORT_INNER_LOOP},
-                    "FOMAML": {**REPORT_INNER_LOOP},
+                    # FOMAML: the same with Adam from 5e-3 annealed linearly to zero (eighth session,
+                    # after NeumannMAML gained from it): 96.54% on validation, against 96.06% at 1e-3.
+                    "FOMAML": {**REPORT_INNER_LOOP, "meta_lr": 5e-3, "meta_lr_schedule": "linear"},
                     # The report's inner loop with lam=1 and 5 CG steps, adapted by 20 steps at test:
                     # the same run adapted by 5 / 10 / 20 / 30 / 50 steps scored 96.71 / 97.23 / 97.34 /
                     # 97.35 / 96.99% on validation (its proximal loop leaves the support loss at 0.05
