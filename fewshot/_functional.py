@@ -31,8 +31,9 @@ def _direct_plan(module: nn.Module):
     statistics), ``MaxPool2x2``, ``ReLU``, ``Flatten`` and ``Linear`` layers and no buffers, so
     ``f(params, x)`` can call ``torch.nn.functional`` directly on the parameter dict.
     ``functional_call`` computes the same function but swaps every parameter into the module and
-    back on each call, which costs about a quarter of a meta-step of the small sinusoid MLP. Subclasses (which may override ``forward``), any other layer type and
-    modules with forward hooks (which only a call through the module runs) get ``None``.
+    back on each call, which costs about a quarter of a meta-step of the small sinusoid MLP.
+    Subclasses (which may override ``forward``), any other layer type and modules with forward
+    hooks (which only a call through the module runs) get ``None``.
     """
     from .models import MLP, Conv4, MaxPool2x2
 

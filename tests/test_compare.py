@@ -337,10 +337,13 @@ def test_moving_average_and_figures():
     fig = plot_learning_curves(histories, kind="loss", window=2)
     assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ["A", "B"]
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["Train pre", "Test post"]
-    fig = plot_score_vs_time([{"method": "A", "score_mean": 0.5, "score_ci95": 0.1, "train_time_s": 3.0},
+
+    def row(method, mean, ci):
+        return {"method": method, "score_mean": mean, "score_ci95": ci, "train_time_s": 1.0}
+
+    fig = plot_score_vs_time([row("A", 0.5, 0.1),
                               {"method": "B", "score_mean": None, "status": "diverged at meta-step 2"},
-                              {"method": "C", "score_mean": 0.98, "score_ci95": 0.0023876, "train_time_s": 1.0},
-                              {"method": "D", "score_mean": -2.24271, "score_ci95": 0.467, "train_time_s": 1.0}])
+                              row("C", 0.98, 0.0023876), row("D", -2.24271, 0.467)])
     assert len(fig.axes) == 2
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
         "A\n0.50 ± 0.10", "B", "C\n0.9800 ± 0.0024", "D\n-2.24 ± 0.47"]
