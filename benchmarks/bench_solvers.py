@@ -507,8 +507,14 @@ METHOD = [
     ("- One meta-step of fewshot is one step of `meta_fit` (drawing the meta-batch from a sampler that "
      "returns the fixed tensors, the per-task meta-gradients on `task_threads` Python threads, averaging, "
      "Adam), timed by `history_[\"time\"]`, with `full_history=False` because the peers compute no "
-     "logging passes. The peers' meta-step is described in `benchmarks/peers/README.md`; they run the tasks "
-     "one after the other with torch's intra-op threads."),
+     "logging passes. On the sinusoid workload (a network of linear layers and ReLUs under 1 MFLOP per "
+     "example) fewshot's MAML, MAML-seq, FOMAML, PenaltyMAML and Reptile compute all 25 tasks as one "
+     "batched computation (a task axis on the parameters, batched matrix products; `task_threads` is then "
+     "not used); IMAML and NeumannMAML run task by task. The peers' meta-step is described in "
+     "`benchmarks/peers/README.md`; they run the tasks one after the other with torch's intra-op threads, "
+     "as their MAML examples do (learn2learn and higher have no batched path; TorchOpt also ships a "
+     "functorch example that vmaps MAML over tasks, `examples/FuncTorch/maml_omniglot_vmap.py`, a pattern "
+     "users write by hand, which this benchmark does not time)."),
     ("- Solver settings: IMAML lam=2.0 with at most 5 CG iterations and no tolerance (`cg_tol=0`, started "
      "from the query gradient), to match TorchOpt's iMAML (lam=2.0, `solve_normal_cg(maxiter=5, atol=0)`), "
      "its comparison. The two do not always do the same work: fewshot's CG stops at a direction of "

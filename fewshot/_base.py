@@ -21,7 +21,7 @@ from torch.func import vmap
 
 from . import _parallel
 from . import models as _models
-from ._functional import LOSSES, FunctionalModel, TaskLoss, inner_loop
+from ._functional import LOSSES, BatchedTaskLoss, FunctionalModel, TaskLoss, inner_loop
 from ._tree import Params, tree_norm
 from ._validation import check_choice, check_labeled_set, check_number
 from .exceptions import DivergenceError, NotFittedError, SolverWarning
@@ -532,8 +532,19 @@ class MetaLearner(BaseEstimator):
             self._example_flops_cache = counter.get_total_flops() / 2
         return self._example_flops_cache
 
+    def _batched_tasks(self, rule) -> bool:
+        """Whether a meta-step computes all its tasks in one batched computation
+        (:class:`~fewshot._functional.BatchedTaskLoss`) rather than task by task: for small networks
+        of linear layers (an :class:`~fewshot.models.MLP`), whose per-task meta-step is mostly
+        per-operation overhead, and rules that allow it (not the implicit solvers)."""
+        return bool(getattr(rule, "batchable", False)) and self.fmodel_.batchable and self._small_network()
+
     def _step_gradient(self, rule, params: Params, batch: TaskBatch):
         """Mean over the meta-batch of the per-task meta-gradients and statistics."""
+        if self._batched_tasks(rule):
+            theta = {k: v.expand(len(batch), *v.shape) for k, v in params.items()}
+            g, stats = rule(BatchedTaskLoss(self.fmodel_, *self._loss_parts), theta, batch)
+            return {k: v.mean(0) for k, v in g.items()}, {k: v.mean() for k, v in stats.items()}
         task_loss, workers = self._task_loss, self._task_workers()
         if workers > 1:
             fmodel, parts = self.fmodel_, self._loss_parts

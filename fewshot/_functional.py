@@ -18,7 +18,8 @@ from torch.func import functional_call, grad, jvp
 
 from ._tree import Params
 
-__all__ = ["FunctionalModel", "TaskLoss", "LOSSES", "value_and_grad", "inner_loop", "make_hvp"]
+__all__ = ["FunctionalModel", "TaskLoss", "BatchedTaskLoss", "LOSSES", "value_and_grad", "inner_loop",
+           "make_hvp"]
 
 
 def _direct_plan(module: nn.Module):
@@ -84,6 +85,42 @@ def _direct_forward(plan, params: Params, x: Tensor) -> Tensor:
     return x
 
 
+def _batched_plan(plan):
+    """``plan`` if a forward pass can run many tasks at once with :func:`_batched_forward`: only
+    ``Linear``, ``ReLU`` and ``Flatten`` layers (a ``Flatten`` from a positive ``start_dim``, so it
+    never merges examples); ``None`` otherwise (convolutions would become grouped convolutions,
+    slower on CPU, and batch statistics would need per-task reductions)."""
+    if plan is None:
+        return None
+    for m, _ in plan:
+        if type(m) is nn.Flatten:
+            if m.start_dim < 1 or m.end_dim == 0:
+                return None
+        elif type(m) not in (nn.Linear, nn.ReLU):
+            return None
+    return plan
+
+
+def _batched_forward(plan, params: Params, x: Tensor) -> Tensor:
+    """``f(params[t], x[t])`` for every task ``t`` at once: every parameter and ``x`` have a leading
+    task axis. Linear layers are batched matrix products (``baddbmm``)."""
+    for m, prefix in plan:
+        kind = type(m)
+        if kind is nn.Linear:
+            weight, bias = params[prefix + "weight"], params.get(prefix + "bias")
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            if bias is None:
+                out = torch.bmm(flat, weight.transpose(1, 2))
+            else:
+                out = torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
+            x = out.reshape(*x.shape[:-1], out.shape[-1])
+        elif kind is nn.ReLU:
+            x = torch.relu(x)
+        else:  # Flatten, shifted past the task axis
+            x = x.flatten(m.start_dim + 1, m.end_dim if m.end_dim < 0 else m.end_dim + 1)
+    return x
+
+
 class FunctionalModel:
     """A pure-function view ``f(params, x)`` of an :class:`nn.Module`.
 
@@ -116,6 +153,19 @@ class FunctionalModel:
         if self._plan is not None:
             return _direct_forward(self._plan, params, x)
         return self.call_module(params, x)
+
+    @property
+    def batchable(self) -> bool:
+        """Whether :meth:`batched` can evaluate many tasks' parameters at once (networks of linear
+        layers and ReLUs only, such as :class:`~fewshot.models.MLP`)."""
+        return _batched_plan(self._plan) is not None
+
+    def batched(self, params: Params, x: Tensor) -> Tensor:
+        """``f(params[t], x[t])`` stacked over a leading task axis of ``params`` and ``x``."""
+        plan = _batched_plan(self._plan)
+        if plan is None:
+            raise ValueError("this network cannot run tasks batched (only Linear, ReLU and Flatten layers can)")
+        return _batched_forward(plan, params, x)
 
     def call_module(self, params: Params, x: Tensor) -> Tensor:
         """``f(params, x)`` through the module itself (``functional_call``), so that its forward
@@ -166,6 +216,44 @@ class TaskLoss:
         """``(loss, metric)`` without building a graph."""
         with torch.no_grad():
             return self.with_aux(params, x, y)[1]
+
+
+def _batched_loss(loss: Callable, out: Tensor, y: Tensor) -> Tensor:
+    """The per-task losses ``[loss(out[t], y[t]) for t]`` as a vector."""
+    if loss is F.cross_entropy:
+        per_example = F.cross_entropy(out.flatten(0, 1), y.flatten(0, 1), reduction="none")
+        return per_example.view(out.shape[0], -1).mean(1)
+    if loss is _mse:
+        return ((out - y.reshape(out.shape)) ** 2).flatten(1).mean(1)
+    return torch.stack([loss(o, t) for o, t in zip(out, y)])
+
+
+def _batched_metric(metric: Callable, out: Tensor, y: Tensor) -> Tensor:
+    if metric is _accuracy:
+        return (out.argmax(-1) == y).to(out.dtype).flatten(1).mean(1)
+    return torch.stack([metric(o, t) for o, t in zip(out, y)])
+
+
+class BatchedTaskLoss(TaskLoss):
+    """A meta-batch's tasks in one computation: parameters and data carry a leading task axis.
+
+    ``__call__`` is the *sum* of the per-task losses. Task ``t``'s loss depends only on
+    ``params[t]``, so its gradient with respect to the stacked parameters is the stack of the
+    per-task gradients, and every rule that only adds, scales and differentiates parameter dicts
+    (the inner loop, explicit MAML through it, first-order MAML, Reptile) computes all tasks' results
+    at once. ``with_aux`` and ``evaluate`` give per-task losses and metrics (vectors). Not for
+    rules that take inner products of parameter dicts (the implicit solvers' CG and series, which
+    would then couple the tasks).
+    """
+
+    def __call__(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return _batched_loss(self.loss, self.fmodel.batched(params, x), y).sum()
+
+    def with_aux(self, params: Params, x: Tensor, y: Tensor):
+        out = self.fmodel.batched(params, x)
+        per_task = _batched_loss(self.loss, out, y)
+        metric = _batched_metric(self.metric, out, y) if self.metric is not None else per_task
+        return per_task.sum(), (per_task.detach(), metric.detach())
 
 
 def value_and_grad(fn: Callable, params: Params, *, create_graph: bool = False):

@@ -96,6 +96,7 @@ class Unrolled:
     hvp_mode: str = "fwdrev"
     lam: float | None = None  # differentiate through iMAML's proximal inner loop instead
     full_stats: bool = field(default=True, kw_only=True)
+    batchable = True  # see BatchedTaskLoss
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support
@@ -127,6 +128,7 @@ class FirstOrder:
     lr: float
     steps: int
     full_stats: bool = field(default=True, kw_only=True)
+    batchable = True
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support
@@ -162,6 +164,11 @@ class ReptileRule:
     inner_data: str = "support"
     shots: int | None = None  # examples per class in each inner step; None: all of them
     full_stats: bool = field(default=True, kw_only=True)
+
+    @property
+    def batchable(self) -> bool:
+        # Class batches and support+query concatenation index the example axis of one task.
+        return self.shots is None and self.inner_data == "support"
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support
@@ -204,6 +211,7 @@ class Implicit:
     damping: float = 0.0     # added to lam in the linear system only (not in the inner loop)
     hvp_mode: str = "fwdrev"
     full_stats: bool = field(default=True, kw_only=True)
+    batchable = False  # the solver's inner products would couple batched tasks
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support

@@ -76,7 +76,13 @@ _COMMON_DOC = """
         CUDA. The result does not depend on it beyond floating-point summation order within kernels.
         Each thread holds one task's graph: second-order MAML on the Omniglot benchmark peaks at
         about +350 MB with 2 task threads and +160 MB with 1 (learn2learn: +220 MB), at 1.5-1.7x the
-        time per meta-step. Use 1 when memory binds (``docs/benchmarks.md``).
+        time per meta-step. Use 1 when memory binds (``docs/benchmarks.md``). Not used when the
+        meta-step runs its tasks batched: for networks under 1 MFLOP per example built of
+        ``Linear``, ``ReLU`` and ``Flatten`` layers only (:class:`~fewshot.models.MLP`), MAML,
+        FOMAML, PenaltyMAML and Reptile (``inner_data="support"``, ``inner_shots=None``) compute
+        all tasks of a meta-batch at once, with a leading task axis on the parameters (batched
+        matrix products). The result is the same up to floating-point summation order (tested);
+        the implicit solvers, whose linear solves take inner products per task, run task by task.
 """
 
 _ATTRIBUTES_DOC = """

@@ -219,6 +219,90 @@ def test_task_threads_give_the_same_meta_gradients(name):
             np.testing.assert_allclose(one.history_[k], two.history_[k], rtol=1e-8, atol=1e-10)
 
 
+BATCHED_CASES = [("MAML", {}), ("MAML", {"memory_efficient": True}), ("FOMAML", {}), ("Reptile", {}),
+                 ("PenaltyMAML", {"penalty": 0.5})]
+
+
+@pytest.mark.parametrize("sampler", [SinusoidTasks(k_shot=4, n_query=3),
+                                     GaussianClusterTasks(n_way=3, k_shot=2, n_query=2, n_features=6)],
+                         ids=["mse", "cross_entropy"])
+@pytest.mark.parametrize("name,options", BATCHED_CASES, ids=lambda v: v if isinstance(v, str) else str(v or ""))
+def test_batched_tasks_give_the_same_meta_steps(name, options, sampler):
+    """A small network of linear layers runs the meta-batch as one batched computation; its
+    meta-gradients, parameters and history equal the task-by-task path's in float64."""
+    import fewshot
+
+    def fit(batched):
+        model = init_parameters(MLP(sampler.input_shape[0], sampler.n_outputs, (7, 5)),
+                                torch.Generator().manual_seed(0))
+        est = fewshot.SOLVERS[name](model=model, meta_steps=3, meta_batch_size=5, inner_steps=2, dtype="float64",
+                                    random_state=0, **options)
+        if not batched:
+            est._batched_tasks = lambda rule: False
+        return est.meta_fit(sampler)
+
+    batched, looped = fit(True), fit(False)
+    assert batched._batched_tasks(batched._rule())
+    for k in looped.params_:
+        torch.testing.assert_close(batched.params_[k], looped.params_[k], rtol=1e-12, atol=1e-14)
+    assert sorted(batched.history_) == sorted(looped.history_)
+    for k in looped.history_:
+        if k != "time":
+            np.testing.assert_allclose(batched.history_[k], looped.history_[k], rtol=1e-12, atol=1e-14)
+
+
+def test_batched_tasks_only_where_exact_and_cheaper():
+    """Batching needs a rule without inner products across the parameters (not IMAML's CG or the
+    Neumann series), per-task example indexing (not Reptile's class batches or support+query inner
+    loop) and a network of linear layers; anything else runs task by task."""
+    import fewshot
+
+    def batched(name, model=None, sampler=None, **options):
+        est = fewshot.SOLVERS[name](model=model or "auto", meta_steps=0, random_state=0, **options)
+        return est.meta_fit(sampler or SinusoidTasks())._batched_tasks(est._rule())
+
+    assert batched("MAML") and batched("FOMAML") and batched("Reptile") and batched("PenaltyMAML")
+    assert not batched("IMAML") and not batched("NeumannMAML")
+    assert batched("Reptile", sampler=GaussianClusterTasks())
+    assert not batched("Reptile", sampler=GaussianClusterTasks(), inner_shots=1)
+    assert not batched("Reptile", inner_data="task")
+    tanh = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))  # no direct plan
+    assert not batched("MAML", model=tanh)
+    assert not FunctionalModel(Conv4(hidden=4)).batchable
+    assert not FunctionalModel(nn.Sequential(nn.Flatten(0), nn.Linear(4, 1))).batchable
+
+
+def test_batched_forward_is_the_per_task_forward():
+    """Linear layers with and without bias, on inputs with extra axes, and a Flatten past them."""
+    gen = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)).to(DT)
+    fm = FunctionalModel(net)
+    assert fm.batchable
+    params = {k: torch.randn(5, *v.shape, generator=gen, dtype=DT) for k, v in net.named_parameters()}
+    x = torch.randn(5, 6, 2, 3, generator=gen, dtype=DT)
+    looped = torch.stack([fm({k: v[t] for k, v in params.items()}, x[t]) for t in range(5)])
+    torch.testing.assert_close(fm.batched(params, x), looped, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="cannot run tasks batched"):
+        FunctionalModel(Conv4(hidden=4)).batched({}, x)
+
+
+def test_batched_tasks_with_a_custom_loss():
+    """A loss given as a callable is applied task by task inside the batched computation."""
+    import fewshot
+
+    huber = lambda out, y: torch.nn.functional.huber_loss(out, y.reshape(out.shape), delta=0.3)
+    runs = []
+    for batched in (True, False):
+        est = fewshot.MAML(loss=huber, meta_steps=2, meta_batch_size=4, inner_steps=2, dtype="float64",
+                           random_state=0)
+        if not batched:
+            est._batched_tasks = lambda rule: False
+        runs.append(est.meta_fit(SinusoidTasks()))
+    assert runs[0]._batched_tasks(runs[0]._rule())
+    for k in runs[0].params_:
+        torch.testing.assert_close(runs[0].params_[k], runs[1].params_[k], rtol=1e-12, atol=1e-14)
+
+
 def test_a_meta_step_frees_each_task_gradient_once_summed():
     """Keeping all per-task gradients to the end of a meta-step raised MAML's peak memory (the
     gradients pinned the top of the malloc heap): each must be freed before the next task ends.
