@@ -14,7 +14,7 @@ peer (peer seconds / fewshot seconds: above 1 means fewshot is faster), peak mem
 of its process: absolute and increase over the meta-steps), achieved GFLOP/s of a meta-step
 (``FlopCounterMode`` count / median time) against the machine's float32 matmul rate, and the
 issue's targets. ``--memory-sweep`` adds MAML, memory-efficient MAML and IMAML at 5, 20 and 50
-inner steps. ``--profile SOLVER`` prints a ``torch.profiler`` summary of one meta-step instead.
+inner steps, each ``--sweep-rounds`` times (medians reported). ``--profile SOLVER`` prints a ``torch.profiler`` summary of one meta-step instead.
 
 Examples::
 
@@ -298,41 +298,55 @@ def peer_rows(summary, workloads, inner_steps, libraries):
     return rows
 
 
-SWEEP_HEADER = ("solver", "inner steps", "peak RSS MB", "increase MB", "s/step")
+SWEEP_HEADER = ("solver", "inner steps", "peak RSS MB", "increase MB", "increase per round MB", "s/step")
 
 
 def sweep_rows_and_verdicts(sweep):
+    """One row per solver and inner-step count: the median over the sweep's rounds of the peak RSS
+    (absolute and increase) and of the seconds per step, with every round's increase; the verdicts
+    compare the medians (the same configuration repeated varies by 10-15%: allocator high-water)."""
     rows, verdicts = [], []
+    rounds = len({r.get("round", 0) for r in sweep})
+    verdicts.append(f"Each configuration ran {rounds} time(s) in its own process (2 timed meta-steps after 1 "
+                    "warm-up, the rounds in alternating order); the table gives the medians over the runs and "
+                    "every run's increase.")
     for solver in SWEEP_SOLVERS:
-        runs = sorted((r for r in sweep if r["solver"] == solver), key=lambda r: r["inner_steps"])
-        for r in runs:
-            if r["status"] == "ok":
-                rows.append((solver, str(r["inner_steps"]), f"{r['peak_rss_abs_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
-                             f"{r['seconds_per_step']:.3f}"))
-            else:
-                rows.append((solver, str(r["inner_steps"]), r["status"], "-", "-"))
-        ok_runs = [r for r in runs if r["status"] == "ok"]
-        if len(ok_runs) < 2 or len(ok_runs) < len(runs):
+        by_k = {}
+        for r in sweep:
+            if r["solver"] == solver:
+                by_k.setdefault(r["inner_steps"], []).append(r)
+        medians, complete = [], True
+        for k in sorted(by_k):
+            ok = [r for r in by_k[k] if r["status"] == "ok"]
+            if not ok:
+                rows.append((solver, str(k), by_k[k][0]["status"], "-", "-", "-"))
+                complete = False
+                continue
+            complete = complete and len(ok) == len(by_k[k])
+            incr = statistics.median(r["peak_rss_mb"] for r in ok)
+            absolute = statistics.median(r["peak_rss_abs_mb"] for r in ok)
+            rows.append((solver, str(k), f"{absolute:.0f}", f"{incr:.0f}",
+                         " / ".join(f"+{r['peak_rss_mb']:.0f}" for r in ok),
+                         f"{statistics.median(r['seconds_per_step'] for r in ok):.3f}"))
+            medians.append((k, incr, absolute))
+        if len(medians) < 2 or not complete:
             continue
-        incr = [r["peak_rss_mb"] for r in ok_runs]
-        absolute = [r["peak_rss_abs_mb"] for r in ok_runs]
+        incr = [m[1] for m in medians]
+        absolute = [m[2] for m in medians]
         spread = (max(incr) - min(incr)) / min(incr) if min(incr) > 0 else float("inf")
         spread_abs = (max(absolute) - min(absolute)) / min(absolute)
         growing = all(b > a for a, b in itertools.pairwise(incr))
         name = "MAML (memory_efficient=True)" if solver == "MAML-me" else solver
-        line = (f"{name}: increase {' -> '.join(f'+{x:.0f}' for x in incr)} MB over {_steps_label(runs)} inner "
-                f"steps ({'rising' if growing else 'not rising'} at every step; spread {100 * spread:.0f}% of the "
-                f"smallest increase, {100 * spread_abs:.0f}% of the smallest absolute peak)")
+        line = (f"{name}: median increase {' -> '.join(f'+{x:.0f}' for x in incr)} MB over "
+                f"{'/'.join(str(m[0]) for m in medians)} inner steps ({'rising' if growing else 'not rising'} at "
+                f"every step; spread {100 * spread:.0f}% of the smallest increase, {100 * spread_abs:.0f}% of the "
+                f"smallest absolute peak)")
         if solver == "IMAML":
             line += f": {'met' if spread <= 0.10 else 'missed'} (target: increase flat within 10%)"
         elif solver == "MAML":
             line += f": {'growing as expected' if growing else 'NOT growing'}"
         verdicts.append(line)
     return rows, verdicts
-
-
-def _steps_label(runs):
-    return "/".join(str(r["inner_steps"]) for r in runs)
 
 
 def flop_check_lines(check) -> list[str]:
@@ -615,6 +629,8 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-sweep", action="store_true",
                         help="also peak memory of MAML, MAML-me and IMAML at --sweep-inner-steps (omniglot)")
     parser.add_argument("--sweep-inner-steps", type=_list(int), default=list(SWEEP_INNER_STEPS))
+    parser.add_argument("--sweep-rounds", type=int, default=3,
+                        help="runs of each memory-sweep configuration (medians are reported)")
     parser.add_argument("--profile", metavar="SOLVER", choices=tuple(SOLVERS), default=None,
                         help="print torch.profiler's top ops of one fewshot meta-step (first workload and "
                              "inner-step count) and exit")
@@ -642,9 +658,9 @@ def main(argv=None) -> int:
         list(dict.fromkeys(_flatten(args.libraries))) if args.libraries else list(configs.LIBRARIES))
     if args.quick:
         args.steps, args.warmup = configs.QUICK_STEPS, configs.QUICK_WARMUP
-    for name in ("threads", "steps", "rounds"):
+    for name in ("threads", "steps", "rounds", "sweep_rounds"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if any(k < 1 for k in inner_steps + args.sweep_inner_steps):
@@ -730,12 +746,13 @@ def main(argv=None) -> int:
         record(result, f"{i}/{len(order)} round {round_ + 1} {workload} {library} {solver} k={k}")
 
     if args.memory_sweep:
-        for k in args.sweep_inner_steps:
-            for solver in SWEEP_SOLVERS:
+        sweep_plan = [(k, solver) for k in args.sweep_inner_steps for solver in SWEEP_SOLVERS]
+        for round_ in range(args.sweep_rounds):
+            for k, solver in (sweep_plan if round_ % 2 == 0 else sweep_plan[::-1]):
                 result = run_fewshot(python, solver, k, "omniglot", args, steps=min(args.steps, 2),
                                      warmup=min(args.warmup, 1))
-                result.update(kind="memory_sweep")
-                record(result, f"memory sweep {solver} k={k}")
+                result.update(kind="memory_sweep", round=round_)
+                record(result, f"memory sweep round {round_ + 1} {solver} k={k}")
 
     report["load_end"] = os.getloadavg()
     if report["load_end"][0] > LOAD_WARNING:

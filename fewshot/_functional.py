@@ -164,7 +164,8 @@ class FunctionalModel:
         """``f(params[t], x[t])`` stacked over a leading task axis of ``params`` and ``x``."""
         plan = _batched_plan(self._plan)
         if plan is None:
-            raise ValueError("this network cannot run tasks batched (only Linear, ReLU and Flatten layers can)")
+            raise ValueError("this network cannot run tasks batched (only Linear, ReLU and Flatten "
+                             "layers can)")
         return _batched_forward(plan, params, x)
 
     def call_module(self, params: Params, x: Tensor) -> Tensor:

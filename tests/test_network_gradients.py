@@ -226,7 +226,8 @@ BATCHED_CASES = [("MAML", {}), ("MAML", {"memory_efficient": True}), ("FOMAML", 
 @pytest.mark.parametrize("sampler", [SinusoidTasks(k_shot=4, n_query=3),
                                      GaussianClusterTasks(n_way=3, k_shot=2, n_query=2, n_features=6)],
                          ids=["mse", "cross_entropy"])
-@pytest.mark.parametrize("name,options", BATCHED_CASES, ids=lambda v: v if isinstance(v, str) else str(v or ""))
+@pytest.mark.parametrize("name,options", BATCHED_CASES,
+                         ids=lambda v: v if isinstance(v, str) else str(v or ""))
 def test_batched_tasks_give_the_same_meta_steps(name, options, sampler):
     """A small network of linear layers runs the meta-batch as one batched computation; its
     meta-gradients, parameters and history equal the task-by-task path's in float64."""
@@ -235,8 +236,8 @@ def test_batched_tasks_give_the_same_meta_steps(name, options, sampler):
     def fit(batched):
         model = init_parameters(MLP(sampler.input_shape[0], sampler.n_outputs, (7, 5)),
                                 torch.Generator().manual_seed(0))
-        est = fewshot.SOLVERS[name](model=model, meta_steps=3, meta_batch_size=5, inner_steps=2, dtype="float64",
-                                    random_state=0, **options)
+        est = fewshot.SOLVERS[name](model=model, meta_steps=3, meta_batch_size=5, inner_steps=2,
+                                    dtype="float64", random_state=0, **options)
         if not batched:
             est._batched_tasks = lambda rule: False
         return est.meta_fit(sampler)
