@@ -500,6 +500,7 @@ def render(report, markdown: bool) -> str:
         out += [("- " if markdown else "") + line for line in flop_check_lines(report["flop_check"])] + [""]
     if markdown:
         out += ["## What is measured", ""] + METHOD + [""]
+        out += ["## What bounds the Omniglot ratios (profiled 2026-11-23)", ""] + BOUNDS + [""]
     failed = [r for r in report["results"] if r.get("status") != "ok"]
     if failed:
         out += [f"{len(failed)} run(s) failed: " + ", ".join(
@@ -563,6 +564,39 @@ METHOD = [
     ("- Each configuration runs in its own process, fewshot and the peers alternating; every second round "
      "runs in reverse order. The machine has 2 cores shared with other work: compare the ratios, which are measured "
      "close together in time, rather than the absolute times, and distrust runs with a high load average."),
+]
+
+
+# Measured by hand (ad hoc scripts, not this benchmark); see the notes of issue 4.
+BOUNDS = [
+    ("- Where the speed comes from. One task at a time (MAML-seq) fewshot runs at 0.93-1.05x the fastest "
+     "peer on 2026-11-23 (1.01-1.19x on 2026-11-22): per task it runs the same convolution and batch-norm "
+     "kernels as the peers. The default's 1.4-1.7x comes mostly from running two tasks at once, each on "
+     "one intra-op thread (`task_threads`). On the sinusoid MLP, batching the tasks removes the "
+     "per-operation overhead that dominates there, hence 8-14x."),
+    ("- Profile (torch.profiler, one task's MAML meta-gradient on this workload, 5 inner steps, 1 thread, "
+     "self CPU): convolution_backward 26%, mkldnn_convolution 21% (+ 4% dispatch), native_batch_norm 8% and "
+     "its backward 7%, the element-wise ops of batch norm's double backward (mul 5.5%, copy 4%, sum 3%, "
+     "fill 2%), pooling (scatter_add 4%, gather 3%, max_pool2d 2%). By shape, the first block on the "
+     "75-image query batch ([75, 64, 28, 28], 15 MB per tensor) takes about a quarter of the task's "
+     "124 ms with 5% of its FLOPs: batch norm 7.0 ms forward and 5.2 ms backward, the channels-last copy "
+     "for the window maxima 4.6 ms, the first convolution 4.9 ms forward and 2.0 ms backward, zero-fill "
+     "2.5 ms, gather and scatter 2 ms each, max-pool 1.4 ms."),
+    ("- Tried, measured and dropped on 2026-11-23 (1 thread, one task's MAML / FOMAML meta-gradient, "
+     "interleaved medians; each variant agrees with the default to 1e-12 in float64): the whole network "
+     "in channels-last memory format, 0.96x / 1.05x (batch norm's forward on that tensor takes 1.4 ms "
+     "instead of 6.1, but its backward 7.2 ms and the first convolution's backward 9.7 ms instead of "
+     "2.0); the first convolution as unfold and matrix product (channels-last output at no copy), "
+     "0.94x / 0.98x; pooling before batch norm (exact with batch statistics: after flipping the sign of "
+     "channels with negative scale, max-pooling commutes with batch norm's per-channel affine map, so "
+     "only the statistics see the full-size tensor), 0.82x / 0.67x, because `var_mean` over N, H and W "
+     "takes 17 ms against batch norm's 6; glibc malloc thresholds or transparent huge pages against page "
+     "faults (1.03 million minor faults down to 0.11 million in the same script), no gain beyond noise in "
+     "a meta-step. Earlier: tasks batched as grouped convolutions (0.62x at 75 images), torch.compile "
+     "(slower, and no double backward)."),
+    ("- What would move it: batch norm, ReLU and pooling fused into one kernel with hand-written first "
+     "and second derivatives (C++ or a compiler that handles double backward), in place of the pure "
+     "PyTorch operators this backend uses."),
 ]
 
 
