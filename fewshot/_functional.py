@@ -137,6 +137,7 @@ class FunctionalModel:
             p.requires_grad_(False)
         self.buffers = {k: v for k, v in self.module.named_buffers()}
         self._plan = _direct_plan(self.module)
+        self._batch_plan = _batched_plan(self._plan)
 
     def init_params(self, device=None, dtype=None) -> Params:
         return {k: v.detach().clone().to(device=device, dtype=dtype)
@@ -148,6 +149,7 @@ class FunctionalModel:
         return self
 
     _plan = None  # instances pickled before the direct path existed use functional_call
+    _batch_plan = None  # ... and before the batched path, run task by task
 
     def __call__(self, params: Params, x: Tensor) -> Tensor:
         if self._plan is not None:
@@ -158,15 +160,14 @@ class FunctionalModel:
     def batchable(self) -> bool:
         """Whether :meth:`batched` can evaluate many tasks' parameters at once (networks of linear
         layers and ReLUs only, such as :class:`~fewshot.models.MLP`)."""
-        return _batched_plan(self._plan) is not None
+        return self._batch_plan is not None
 
     def batched(self, params: Params, x: Tensor) -> Tensor:
         """``f(params[t], x[t])`` stacked over a leading task axis of ``params`` and ``x``."""
-        plan = _batched_plan(self._plan)
-        if plan is None:
+        if self._batch_plan is None:
             raise ValueError("this network cannot run tasks batched (only Linear, ReLU and Flatten "
                              "layers can)")
-        return _batched_forward(plan, params, x)
+        return _batched_forward(self._batch_plan, params, x)
 
     def call_module(self, params: Params, x: Tensor) -> Tensor:
         """``f(params, x)`` through the module itself (``functional_call``), so that its forward
