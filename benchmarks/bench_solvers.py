@@ -573,7 +573,7 @@ BOUNDS = [
      "peer on 2026-11-23 (1.01-1.19x on 2026-11-22): per task it runs the same convolution and batch-norm "
      "kernels as the peers. The default's 1.4-1.7x comes mostly from running two tasks at once, each on "
      "one intra-op thread (`task_threads`). On the sinusoid MLP, batching the tasks removes the "
-     "per-operation overhead that dominates there, hence 8-14x."),
+     "per-operation overhead that dominates there, hence 8-14x for MAML, FOMAML and Reptile."),
     ("- Profile (torch.profiler, one task's MAML meta-gradient on this workload, 5 inner steps, 1 thread, "
      "self CPU): convolution_backward 26%, mkldnn_convolution 21% (+ 4% dispatch), native_batch_norm 8% and "
      "its backward 7%, the element-wise ops of batch norm's double backward (mul 5.5%, copy 4%, sum 3%, "
