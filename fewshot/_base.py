@@ -381,6 +381,7 @@ class MetaLearner(BaseEstimator):
         elapsed0 = self.history_.get("time", [0.0])[-1] if self.history_ else 0.0
         start = time.perf_counter()
         first_step = self.n_iter_
+        self._inner_loop_rising = 0
         progress = self._progress(max(target - self.n_iter_, 0)) if world.is_main else None
         try:
             while self.n_iter_ < target:
@@ -393,6 +394,7 @@ class MetaLearner(BaseEstimator):
                 record = dict(zip(names, values))
                 if not all(math.isfinite(v) for v in values):
                     self._diverged(record)
+                self._check_inner_loop(record)
                 self._schedule_lr(optimizer, self.n_iter_, target)
                 self._apply(optimizer, params, grads, norm)
                 record["time"] = elapsed0 + time.perf_counter() - start
@@ -462,6 +464,34 @@ class MetaLearner(BaseEstimator):
         optimizer.step()
         for p in params.values():
             p.grad = None
+
+    #: Consecutive meta-steps in which adaptation raises the mean support loss before meta-training
+    #: is stopped (no tuned Omniglot run had more than 2 in a row; a broken-down one, hundreds).
+    _INNER_LOOP_PATIENCE = 20
+
+    def _inner_loop_fits_support(self) -> bool:
+        """Whether the inner loop is gradient descent on the support loss (so that it must lower it)."""
+        return True
+
+    def _check_inner_loop(self, record):
+        """Stop with :class:`DivergenceError` when adaptation has raised the meta-batch's mean support
+        loss in ``_INNER_LOOP_PATIENCE`` consecutive meta-steps: the meta-parameters have reached a
+        region where the inner loop diverges, and training has broken down even if every value is
+        finite (IMAML at Adam 5e-3 on Omniglot fell to chance accuracy that way; docs/results.md)."""
+        pre, post = record.get("support_loss_pre"), record.get("support_loss_post")
+        if pre is None or post is None or not self._inner_loop_fits_support():
+            return
+        run = self._inner_loop_rising = getattr(self, "_inner_loop_rising", 0) + 1 if post > pre else 0
+        if run >= self._INNER_LOOP_PATIENCE:
+            last = {k: v[-1] for k, v in self.history_.items()} if self.history_ else {}
+            raise DivergenceError(
+                f"{type(self).__name__} broke down at meta-step {self.n_iter_ + 1}: in each of the last "
+                f"{run} meta-steps the inner loop raised the mean support loss (now {pre:.4g} before adaptation, "
+                f"{post:.4g} after), so the inner loop diverges at these meta-parameters. params_ holds the "
+                f"meta-parameters after {self.n_iter_} steps, already in that region: restart from a "
+                f"checkpoint taken earlier with a smaller meta_lr or inner_lr (or, for IMAML, more damping).",
+                step=self.n_iter_ + 1, solver=type(self).__name__, last_finite=last,
+            )
 
     def _diverged(self, record):
         last = {k: v[-1] for k, v in self.history_.items()} if self.history_ else {}

@@ -6,10 +6,12 @@ __all__ = ["NotFittedError", "DivergenceError", "SolverWarning", "ConvergenceWar
 
 
 class DivergenceError(FloatingPointError, RuntimeError):
-    """Meta-training produced a non-finite loss or meta-gradient.
+    """Meta-training produced a non-finite loss or meta-gradient, or broke down: adaptation raised
+    the mean support loss in many consecutive meta-steps (the inner loop diverges there).
 
-    The estimator keeps the last finite meta-parameters in ``params_``; ``step``, ``solver`` and
-    ``last_finite`` (the last finite history entries) say where and how it happened.
+    For non-finite values the estimator keeps the last finite meta-parameters in ``params_``;
+    after a breakdown ``params_`` are those of the last step taken. ``step``, ``solver`` and
+    ``last_finite`` (the last history entries) say where and how it happened.
     """
 
     def __init__(self, message, *, step=None, solver=None, last_finite=None):

@@ -41,6 +41,28 @@ def test_reptile_with_the_reports_outer_rate_is_caught_or_clipped():
         fewshot.Reptile(**kw).meta_fit(sampler)
 
 
+def test_an_inner_loop_that_raises_the_support_loss_stops_training():
+    """Adaptation that makes the mean support loss worse in 20 consecutive meta-steps, with every
+    value finite (IMAML at Adam 5e-3 on Omniglot fell to chance accuracy that way), raises
+    DivergenceError; a stable inner step on the same tasks trains on."""
+    from torch import nn
+
+    from fewshot.tasks import LinearRegressionTasks
+
+    sampler = LinearRegressionTasks(n_features=8, k_shot=10, n_query=10)
+    # one gradient step of 1.0 on the support MSE overshoots along the Hessian's top eigenvalues (~7)
+    kw = dict(model=nn.Sequential(nn.Linear(8, 1)), inner_steps=1, meta_steps=40, meta_batch_size=4,
+              random_state=0)
+    est = fewshot.MAML(inner_lr=1.0, **kw)
+    with pytest.raises(DivergenceError, match="broke down at meta-step 20") as info:
+        est.meta_fit(sampler)
+    assert info.value.step == 20 and est.n_iter_ == 19 and info.value.solver == "MAML"
+    pre, post = est.history_["support_loss_pre"], est.history_["support_loss_post"]
+    assert all(math.isfinite(v) for v in pre + post) and all(b > a for a, b in zip(pre, post))
+    stable = fewshot.MAML(inner_lr=0.05, **kw).meta_fit(sampler)
+    assert stable.n_iter_ == 40
+
+
 def test_grad_clip_bounds_the_update():
     sampler = SinusoidTasks()
     est = fewshot.FOMAML(meta_optimizer="sgd", meta_lr=1.0, grad_clip=1e-3, meta_steps=1,
