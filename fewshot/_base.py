@@ -486,10 +486,11 @@ class MetaLearner(BaseEstimator):
             last = {k: v[-1] for k, v in self.history_.items()} if self.history_ else {}
             raise DivergenceError(
                 f"{type(self).__name__} broke down at meta-step {self.n_iter_ + 1}: in each of the last "
-                f"{run} meta-steps the inner loop raised the mean support loss (now {pre:.4g} before adaptation, "
-                f"{post:.4g} after), so the inner loop diverges at these meta-parameters. params_ holds the "
-                f"meta-parameters after {self.n_iter_} steps, already in that region: restart from a "
-                f"checkpoint taken earlier with a smaller meta_lr or inner_lr (or, for IMAML, more damping).",
+                f"{run} meta-steps the inner loop raised the mean support loss (now {pre:.4g} before "
+                f"adaptation, {post:.4g} after), so the inner loop diverges at these meta-parameters. "
+                f"params_ holds the meta-parameters after {self.n_iter_} steps, already in that region: "
+                f"restart from a checkpoint taken earlier with a smaller meta_lr or inner_lr (or, for "
+                f"IMAML, more damping).",
                 step=self.n_iter_ + 1, solver=type(self).__name__, last_finite=last,
             )
 
