@@ -394,7 +394,7 @@ class MetaLearner(BaseEstimator):
                 record = dict(zip(names, values))
                 if not all(math.isfinite(v) for v in values):
                     self._diverged(record)
-                self._check_inner_loop(record)
+                self._check_inner_loop(record, rule)
                 self._schedule_lr(optimizer, self.n_iter_, target)
                 self._apply(optimizer, params, grads, norm)
                 record["time"] = elapsed0 + time.perf_counter() - start
@@ -469,19 +469,17 @@ class MetaLearner(BaseEstimator):
     #: is stopped (no tuned Omniglot run had more than 2 in a row; a broken-down one, hundreds).
     _INNER_LOOP_PATIENCE = 20
 
-    def _inner_loop_fits_support(self) -> bool:
-        """Whether the inner loop is gradient descent on the support loss (so that it must lower it)."""
-        return True
-
-    def _check_inner_loop(self, record):
+    def _check_inner_loop(self, record, rule):
         """Stop with :class:`DivergenceError` when adaptation has raised the meta-batch's mean support
         loss in ``_INNER_LOOP_PATIENCE`` consecutive meta-steps: the meta-parameters have reached a
         region where the inner loop diverges, and training has broken down even if every value is
-        finite (IMAML at Adam 5e-3 on Omniglot fell to chance accuracy that way; docs/results.md)."""
+        finite (IMAML at Adam 5e-3 on Omniglot fell to chance accuracy that way; docs/results.md).
+        Only for rules whose inner loop is gradient descent on the support set alone (a rule says
+        otherwise with ``fits_support = False``, as Reptile's class batches do)."""
         pre, post = record.get("support_loss_pre"), record.get("support_loss_post")
-        if pre is None or post is None or not self._inner_loop_fits_support():
+        if pre is None or post is None or not getattr(rule, "fits_support", True):
             return
-        run = self._inner_loop_rising = getattr(self, "_inner_loop_rising", 0) + 1 if post > pre else 0
+        run = self._inner_loop_rising = self._inner_loop_rising + 1 if post > pre else 0
         if run >= self._INNER_LOOP_PATIENCE:
             last = {k: v[-1] for k, v in self.history_.items()} if self.history_ else {}
             raise DivergenceError(

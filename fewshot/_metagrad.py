@@ -166,9 +166,15 @@ class ReptileRule:
     full_stats: bool = field(default=True, kw_only=True)
 
     @property
+    def fits_support(self) -> bool:
+        """Whether the inner loop is gradient descent on the support set alone (then it must lower
+        the support loss; class batches and support+query data need not)."""
+        return self.shots is None and self.inner_data == "support"
+
+    @property
     def batchable(self) -> bool:
         # Class batches and support+query concatenation index the example axis of one task.
-        return self.shots is None and self.inner_data == "support"
+        return self.fits_support
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support

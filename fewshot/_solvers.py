@@ -253,9 +253,6 @@ class Reptile(MetaLearner):
     def _outer_lr(self):
         return self.meta_lr if self.outer_stepsize is None else self.outer_stepsize
 
-    def _inner_loop_fits_support(self):
-        return self.inner_data == "support" and self.inner_shots is None
-
     def _make_rule(self):
         if self.inner_shots is not None and self.task_type_ != "classification":
             raise ValueError("inner_shots batches the inner loop by class: it needs a classification "

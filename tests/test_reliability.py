@@ -61,6 +61,11 @@ def test_an_inner_loop_that_raises_the_support_loss_stops_training():
     assert all(math.isfinite(v) for v in pre + post) and all(b > a for a, b in zip(pre, post))
     stable = fewshot.MAML(inner_lr=0.05, **kw).meta_fit(sampler)
     assert stable.n_iter_ == 40
+    # Reptile's inner loop on support+query or in class batches need not lower the support loss
+    from fewshot._metagrad import ReptileRule
+
+    assert ReptileRule(0.1, 1).fits_support
+    assert not ReptileRule(0.1, 1, "task").fits_support and not ReptileRule(0.1, 1, shots=1).fits_support
 
 
 def test_grad_clip_bounds_the_update():
