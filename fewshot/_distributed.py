@@ -7,11 +7,11 @@ meta-step's batch of ``B`` tasks (``meta_batch_size``; for :class:`~fewshot.Fine
 Shard ``r`` is drawn by rank ``r`` from its own generator, seeded with
 ``shard_seed(task_seed, r)`` where ``task_seed`` is the estimator's task seed (drawn from
 ``random_state``, and broadcast from rank 0 so that ``random_state=None`` works too). Shard 0's
-seed is ``task_seed`` itself: a one-process run is the ``W = 1`` case and draws exactly the tasks it
-always drew. Each process averages the meta-gradient and the statistics over its shard; one
-all-reduce averages them over the processes, which is the mean over the whole meta-batch because
-the shards have equal sizes. Every process then takes the same optimizer step from the same
-meta-parameters (broadcast from rank 0 at the start), so they stay identical.
+seed is ``task_seed`` itself: a one-process run is the ``W = 1`` case and draws exactly the tasks of
+a run without ``torch.distributed``. Each process averages the meta-gradient and the statistics
+over its shard; one all-reduce averages them over the processes, which is the mean over the whole
+meta-batch because the shards have equal sizes. Every process then takes the same optimizer step
+from the same meta-parameters (broadcast from rank 0 at the start), so they stay identical.
 
 :func:`simulated_world` makes one process draw all ``W`` shards of every meta-batch, in rank order,
 so a ``W``-process run can be reproduced (up to floating-point summation order) without

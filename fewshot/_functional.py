@@ -32,7 +32,8 @@ def _direct_plan(module: nn.Module):
     statistics), ``MaxPool2x2``, ``ReLU``, ``Flatten`` and ``Linear`` layers and no buffers, so
     ``f(params, x)`` can call ``torch.nn.functional`` directly on the parameter dict.
     ``functional_call`` computes the same function but swaps every parameter into the module and
-    back on each call, which costs about a quarter of a meta-step of the small sinusoid MLP.
+    back on each call, an overhead that matters for small networks (measured on the sinusoid MLP:
+    ``docs/benchmarks.md``, "Implementation choices").
     Subclasses (which may override ``forward``), any other layer type and modules with forward
     hooks (which only a call through the module runs) get ``None``.
     """
@@ -148,8 +149,8 @@ class FunctionalModel:
         self.buffers = {k: v for k, v in self.module.named_buffers()}
         return self
 
-    _plan = None  # instances pickled before the direct path existed use functional_call
-    _batch_plan = None  # ... and before the batched path, run task by task
+    _plan = None  # an instance unpickled without a plan uses functional_call
+    _batch_plan = None  # ... and without a batched plan runs task by task
 
     def __call__(self, params: Params, x: Tensor) -> Tensor:
         if self._plan is not None:
@@ -266,10 +267,9 @@ def value_and_grad(fn: Callable, params: Params, *, create_graph: bool = False):
     the caller's graph (leaves requiring grad, or tensors computed from them) and the gradient is
     differentiable again, for second-order derivatives.
 
-    Plain ``torch.autograd`` rather than ``torch.func.grad`` on the hot path: for explicit MAML on
-    the Omniglot network it holds about half the memory (one task, 5 inner steps, 75 query images:
-    +170 MB against +315 MB peak RSS) at the same speed, and the same holds for first-order steps
-    (+110 against +200 MB).
+    Plain ``torch.autograd`` rather than nested ``torch.func.grad`` on the hot path: for explicit
+    and first-order MAML on the Omniglot network it holds about half the memory at the same speed
+    (``docs/benchmarks.md``, "Implementation choices").
     """
     names = list(params)
     with torch.enable_grad():

@@ -51,8 +51,8 @@ DATASETS = {
     "clusters": {"split": None, "n_way": 5, "k_shot": 1},
 }
 
-# The report's Table 1 inner loop, with its 15 training queries per class: the tuned Omniglot
-# protocol's choice for MAML, FOMAML, IMAML and NeumannMAML (validation runs below).
+# The report's Table 1 inner loop, with the report protocol's 15 training queries per class: the tuned
+# Omniglot protocol's choice for MAML, FOMAML, IMAML and NeumannMAML (validation runs: docs/results.md).
 REPORT_INNER_LOOP = {"inner_lr": 0.01, "inner_steps": 5, "adapt_steps": None, "meta_lr": 1e-3, "n_query": 15}
 
 PROTOCOLS = {
@@ -131,56 +131,41 @@ PROTOCOLS = {
         "datasets": {
             # 5 query examples per class in meta-training (evaluation still uses 15) for Reptile and
             # PenaltyMAML: five times MAML's original 1, which lowers the variance of each task's
-            # meta-gradient for about 1.4x the cost of a 1-query first-order step (15 would cost
-            # about 3x). MAML, FOMAML, IMAML and NeumannMAML train on 15 (REPORT_INNER_LOOP).
+            # meta-gradient at a fraction of the cost of 15 (docs/results.md, "Other settings of the
+            # tuned protocol"). MAML, FOMAML, IMAML and NeumannMAML train on 15 (REPORT_INNER_LOOP).
             "omniglot": {
                 "shared": {"n_query": 5},
                 "solvers": {
                     # The report's inner loop (5 steps of 0.01, Adam 1e-3, 15 training queries per
-                    # class), chosen on 600 validation tasks after 2,000-step runs of both: MAML 97.39%
-                    # (ours before: steps of 0.4, 5 queries, Adam at 1e-3 / 3e-3 / 5e-3: 95.34 / 96.59 /
-                    # 96.83%), FOMAML 96.06% (ours at 3e-3 / 5e-3: 93.56 / 93.68%; at 500 steps 15
-                    # queries alone did not help it: 82.7 vs 84.1%). The meta-learner makes theta sharp
-                    # until the small steps fit the support set: the support loss's top Hessian
-                    # eigenvalue is 600 to 1,800 at MAML's theta (about 0 after the 5 steps), -2,000 to
-                    # -3,000 at IMAML's.
+                    # class), chosen on 600 validation tasks after 2,000-step runs, over steps of 0.4
+                    # with 5 training queries at several Adam steps (docs/results.md, "The meta step").
                     "MAML": {**REPORT_INNER_LOOP},
-                    # FOMAML: the same with Adam from 5e-3 annealed linearly to zero (eighth session,
-                    # after NeumannMAML gained from it): 96.54% on validation, against 96.06% at 1e-3.
+                    # The same with Adam from 5e-3 annealed linearly to zero, chosen on validation
+                    # tasks over the constant 1e-3 (docs/results.md).
                     "FOMAML": {**REPORT_INNER_LOOP, "meta_lr": 5e-3, "meta_lr_schedule": "linear"},
-                    # The report's inner loop with lam=1 and 5 CG steps, adapted by 20 steps at test:
-                    # the same run adapted by 5 / 10 / 20 / 30 / 50 steps scored 96.71 / 97.23 / 97.34 /
-                    # 97.35 / 96.99% on validation (its proximal loop leaves the support loss at 0.05
-                    # after 5 steps). Before it, iMAML's paper setting: lam=2, 16 inner steps of 0.1, 5
-                    # CG steps (at step 0.4 the proximal loop oscillated; lam=0.5 met negative curvature
-                    # of I + H/lam in almost every task); undamped at Adam 1e-3 90.22%; the system damped
-                    # to lam + 22 as iMAML's reference code (CG on 2 v + H v / (lam + 10)) at 5e-3
-                    # broke down after step 1,400 (81.6% on test), annealed linearly from 5e-3 96.03%,
-                    # from 3e-3 96.26%.
+                    # The report's inner loop with lam=1 and 5 CG steps (the report protocol's values),
+                    # adapted by 20 steps at test, since 5 proximal steps of 0.01 leave the support set
+                    # underfitted; chosen on validation tasks over 5 to 50 steps at test and over
+                    # iMAML's paper setting (lam=2, 16 inner steps of 0.1) with and without the damped
+                    # system of iMAML's reference code (docs/results.md).
                     "IMAML": {**REPORT_INNER_LOOP, "lam": 1.0, "cg_steps": 5, "adapt_steps": 20},
                     # The report's inner loop and series (4 terms, eta=1, lam=1) with a larger outer step
-                    # annealed linearly to zero: 97.58% on validation from Adam 5e-3, 96.77% from 3e-3,
-                    # 96.19% at the report's constant 1e-3 (its training accuracy was still rising at
-                    # step 2,000). The series diverges in a third to all of the tasks per step and is cut
-                    # at its best partial sum; damping it does not bring the meta-gradient closer to
-                    # MAML's (cosine 0.71 for every damping 19-99, eta 0.25-1, 4 or 8 terms, as FOMAML's,
-                    # at MAML's meta-parameters). Before it, IMAML's earlier damped setting (lam=2, 16
-                    # steps of 0.1, I + H/24, Adam 5e-3 annealed): 95.64%; undamped with eta=0.2 at Adam
-                    # 1e-3 94.86%, at 5e-3 89.78%.
+                    # annealed linearly to zero (Adam from 5e-3), chosen on validation tasks over 3e-3
+                    # and the report's constant 1e-3, and over damped series and series with eta < 1
+                    # (docs/results.md).
                     "NeumannMAML": {**REPORT_INNER_LOOP, "lam": 1.0, "neumann_terms": 4, "neumann_lr": 1.0,
                                     "meta_lr": 5e-3, "meta_lr_schedule": "linear"},
                     # Reptile as published (Nichol et al.): its inner loop learns from all of a task's
                     # examples (1 support + 5 query per class here), one class-balanced 1-shot batch per
-                    # step, and the outer step anneals linearly to zero. Measured at 500 meta-steps (300
-                    # test tasks): support-only full-batch inner loop 74.3% (and 58.6% at 2,000: it
-                    # overfits 5 images and declines); support+query full batch 87.7% (88.1% annealed);
-                    # 1-shot mini-batches of support+query, annealed: 92.1% at step 250 of 500.
+                    # step, and the outer step anneals linearly to zero. Compared with full-batch inner
+                    # loops on the support set and on support and query: docs/results.md.
                     "Reptile": {"inner_data": "task", "inner_shots": 1, "meta_lr_schedule": "linear"},
-                    # 2,000-step runs, 600 validation tasks: Adam at 1e-3 95.12%, at 5e-3 97.21%.
+                    # Adam 5e-3, chosen on validation tasks over 1e-3 (docs/results.md, "The meta step").
                     "PenaltyMAML": {"meta_lr": 5e-3},
                 },
             },
-            # The small default of `fewshot compare`: minutes on a 2-core CPU for all seven solvers.
+            # The small default of `fewshot compare`: minutes on a CPU for all seven solvers
+            # (docs/compare.md).
             "sinusoid": {
                 "shared": {
                     "inner_lr": 0.01,      # MAML's sinusoid value; 0.4 diverges on MSE
@@ -192,14 +177,14 @@ PROTOCOLS = {
                 "solvers": {
                     # k steps of size alpha act like a ridge penalty of weight about 1/(alpha k)
                     # (early stopping as regularisation): lam = 1/(0.01 * 10) = 10 for IMAML's 10
-                    # steps, so its proximal inner problem is the one the inner loop can solve. The
-                    # Omniglot lam=0.5 gave the worst meta-learner here (-2.89 vs -2.11, 300 steps).
+                    # steps, so its proximal inner problem is the one the inner loop can solve
+                    # (compared with the general lam=0.5: docs/results.md, "Other settings of the
+                    # tuned protocol").
                     "IMAML": {"lam": 10.0},
-                    # Support-loss curvature reaches 50-90 on sinusoids (power iteration at MAML's
-                    # meta-parameters) and more on the way, so lam=1 with eta=0.5 diverged
-                    # (meta-step 190). lam=20 = 1/(0.01 * 5) as above; eta=0.15 converges for
-                    # curvature up to 12 lam = 246 (eta=0.25 still let the series diverge in 35 of
-                    # 300 meta-steps).
+                    # lam=20 = 1/(0.01 * 5) as above; with eta=0.15 the series converges for
+                    # support-loss curvature up to lam (2/eta - 1) = 247, above the curvature measured
+                    # on sinusoid tasks, where smaller lam or larger eta let it diverge
+                    # (docs/results.md, "Other settings of the tuned protocol").
                     "NeumannMAML": {"lam": 20.0, "neumann_lr": 0.15},
                     "FineTune": {"inner_lr": 0.01},  # 0.1 diverges on sinusoid features
                 },

@@ -64,9 +64,8 @@ _COMMON_DOC = """
     full_history : bool, default=True
         Record all four curves of ``history_`` every meta-step. The support loss before adaptation
         and the query loss after it come free with the meta-gradient; the query loss before and
-        the support loss after adaptation cost one more forward pass each per task (about 15-25%
-        of a first-order meta-step with 15 query examples per class). False records only the free
-        ones.
+        the support loss after adaptation cost one more forward pass each per task (measured cost:
+        ``docs/benchmarks.md``, "Implementation choices"). False records only the free ones.
     task_threads : int or "auto", default="auto"
         Python threads that process the tasks of a meta-batch in parallel, each with one intra-op
         thread. "auto": ``torch.get_num_threads()`` on CPU (tasks are many small operations, which
@@ -74,15 +73,15 @@ _COMMON_DOC = """
         1 MFLOP (the Omniglot Conv4: 20 MFLOP), and 1 for smaller networks (the sinusoid MLP:
         3 kFLOP; there Python overhead dominates and threads contend for the interpreter) and on
         CUDA. The result does not depend on it beyond floating-point summation order within kernels.
-        Each thread holds one task's graph: second-order MAML on the Omniglot benchmark peaks at
-        about +350 MB with 2 task threads and +160 MB with 1 (learn2learn: +220 MB), at 1.5-1.7x the
-        time per meta-step. Use 1 when memory binds (``docs/benchmarks.md``). Not used when the
-        meta-step runs its tasks batched: for networks under 1 MFLOP per example built of
-        ``Linear``, ``ReLU`` and ``Flatten`` layers only (:class:`~fewshot.models.MLP`), MAML,
-        FOMAML, PenaltyMAML and Reptile (``inner_data="support"``, ``inner_shots=None``) compute
-        all tasks of a meta-batch at once, with a leading task axis on the parameters (batched
-        matrix products). The result is the same up to floating-point summation order (tested);
-        the implicit solvers, whose linear solves take inner products per task, run task by task.
+        Each thread holds one task's graph, so peak memory grows with the number of threads; use 1
+        when memory binds (measured peaks and times: ``docs/benchmarks.md``, "Peak memory and the
+        allocator"). Not used when the meta-step runs its tasks batched: for networks under 1 MFLOP
+        per example built of ``Linear``, ``ReLU`` and ``Flatten`` layers only
+        (:class:`~fewshot.models.MLP`), MAML, FOMAML, PenaltyMAML and Reptile
+        (``inner_data="support"``, ``inner_shots=None``) compute all tasks of a meta-batch at once,
+        with a leading task axis on the parameters (batched matrix products). The result is the
+        same up to floating-point summation order (tested); the implicit solvers, whose linear
+        solves take inner products per task, run task by task.
 """
 
 _ATTRIBUTES_DOC = """
@@ -133,15 +132,10 @@ class MAML(MetaLearner):
     {attributes}
     Notes
     -----
-    Settings on Omniglot 5-way 1-shot (``fewshot compare --protocol tuned``; runs in
-    ``docs/results.md``): the report's Table 1 inner loop, 5 steps of ``alpha = 0.01`` in
-    meta-training and at test, Adam at 1e-3, 15 query examples per class in meta-training:
-    **97.7%** after 2,000 meta-steps (97.4% on 600 validation tasks). So small a step adapts
-    because the meta-learner makes theta sharp: the support loss's largest Hessian eigenvalue there
-    is 600 to 1,800 (0.0 to 0.5 after the 5 steps), and the first step is a jump theta is trained
-    to make land well. With the class default ``alpha = 0.4`` (MAML's published value), 5 training
-    queries per class and 10 steps at test: 95.7, 96.9 and 97.0% at Adam 1e-3, 3e-3 and 5e-3
-    (validation 95.3, 96.6 and 96.8%).
+    On Omniglot 5-way 1-shot ``fewshot compare`` (protocol ``tuned``) uses the report's Table 1
+    inner loop: 5 steps of ``alpha = 0.01`` in meta-training and at test, Adam at 1e-3, 15 query
+    examples per class in meta-training. Its results, those of the class default ``alpha = 0.4``,
+    and why so small a step adapts there, are in ``docs/results.md``.
 
     References
     ----------
@@ -180,13 +174,10 @@ class FOMAML(MetaLearner):
     {attributes}
     Notes
     -----
-    Settings on Omniglot: the report's inner loop (5 steps of 0.01, 15 training queries per class)
-    with Adam from 5e-3 annealed linearly to zero: **96.7%** after 2,000 meta-steps (validation
-    96.5%; at the report's constant 1e-3 96.1%, validation 96.1%). With ``alpha = 0.4``, 5
-    training queries and 10 steps at test: 94.8% at Adam 5e-3, 94.2% at 3e-3, 89.7% at 1e-3
-    (validation 93.7 and 93.6% at 5e-3 and 3e-3). Its meta-gradient has cosine 0.71 with MAML's
-    exact one at the meta-parameters of MAML after 2,000 steps (``fewshot.diagnostics``,
-    ``docs/results.md``).
+    On Omniglot ``fewshot compare`` uses the report's inner loop (5 steps of 0.01 in meta-training
+    and at test, 15 training queries per class) with Adam from 5e-3 annealed linearly to zero
+    (``meta_lr=5e-3``, ``meta_lr_schedule="linear"``). Its results, and how close its meta-gradient
+    is to MAML's (:func:`fewshot.diagnostics.meta_gradient_fidelity`), are in ``docs/results.md``.
 
     References
     ----------
@@ -233,12 +224,8 @@ class Reptile(MetaLearner):
     On Omniglot ``fewshot compare`` runs Reptile as published: ``inner_data="task"``,
     ``inner_shots=1`` (5 inner steps of 0.4, each on one example of every class out of the task's 1
     support + 5 query examples), Adam at ``outer_stepsize = 1e-3`` annealed linearly to zero
-    (``meta_lr_schedule="linear"``), 10 steps on the support set at test. Measured at 500
-    meta-steps: 92.6% (300 test tasks), against 87.7% for a full-batch inner loop on the same
-    examples and 74.3% for the support set alone, which also *declined* with training (58.6% at
-    2,000: 5 steps of 0.4 fit 5 images exactly, the pseudo-gradient ``theta - phi_k`` is then
-    orthogonal to the meta-gradient, cosine -0.004 with MAML's at its 2,000-step meta-parameters,
-    and Adam keeps taking full-size steps along it). See ``docs/results.md``.
+    (``meta_lr_schedule="linear"``), 10 steps on the support set at test. Its results, and those
+    of a full-batch inner loop and of the support set alone, are in ``docs/results.md``.
 
     References
     ----------
@@ -282,18 +269,6 @@ class IMAML(MetaLearner):
     in place of ``lam``, as iMAML's reference code does (``imaml_dev``: CG on
     ``2 v + H v / (lam + 10)``, i.e. ``I + H/24`` for ``lam=2``, up to a factor 2 of the answer).
 
-    Settings on Omniglot 5-way 1-shot (``fewshot compare``, ``docs/results.md``): the report's
-    inner loop, 5 proximal steps of 0.01 with ``lam=1`` and 5 CG steps, Adam at 1e-3, 15 training
-    queries per class, and 20 steps at test: **97.4%** after 2,000 meta-steps (validation 97.3%;
-    96.8% adapted by 5 steps as in training, which leave the support loss at 0.05). Its solves are
-    poor there (``I + H/lam`` indefinite in a third of the tasks late in training, CG residual
-    about 0.85), yet it learned better than with accurate ones: iMAML's paper setting (``lam=2``, 16
-    steps of 0.1) with ``damping=22`` (CG residual below 0.01, cosine 0.98 with the exact implicit
-    gradient) and Adam 3e-3 annealed reached 96.4%; undamped at Adam 1e-3 90.6% (CG stopped at
-    non-positive curvature in 46 to 85% of the tasks); damped at a constant Adam 5e-3 it broke down
-    after step 1,400 (81.6%). The class default of ``damping`` stays 0 (the implicit gradient
-    itself).
-
     Parameters
     ----------
     {common}
@@ -308,8 +283,15 @@ class IMAML(MetaLearner):
         ``(I + H/(lam + damping))^{-1} grad Lq(phi*)``, the inner problem is unchanged. 0 is the
         implicit gradient; as it grows the answer tends to the first-order ``grad Lq(phi*)``.
         Positive values keep the system positive definite where ``H`` has curvature below
-        ``-lam`` (Omniglot protocol: 22, as iMAML's reference code).
+        ``-lam``; iMAML's reference code amounts to ``damping=22`` with ``lam=2``.
     {attributes}
+    Notes
+    -----
+    On Omniglot 5-way 1-shot ``fewshot compare`` uses the report's inner loop: 5 proximal steps of
+    0.01 with ``lam=1``, 5 CG steps, no damping, Adam at 1e-3, 15 training queries per class, and
+    20 adaptation steps at test. Its results, and those of iMAML's paper setting with and without
+    damping, are in ``docs/results.md``.
+
     References
     ----------
     Rajeswaran, Finn, Kakade, Levine. Meta-learning with implicit gradients. NeurIPS 2019.
@@ -361,20 +343,13 @@ class NeumannMAML(MetaLearner):
     {attributes}
     Notes
     -----
-    Settings on Omniglot (``fewshot compare``, ``docs/results.md``): the report's inner loop and
-    series (5 steps of 0.01, ``lam=1``, 4 terms with ``eta=1``, the report's "k=3"; 15 training
-    queries per class) with Adam from 5e-3 annealed linearly to zero: **98.0%** after 2,000
-    meta-steps (validation 97.6%; from 3e-3 96.8%, at the report's constant 1e-3 96.3%). The series
-    converges only for curvature in ``(-lam, lam)`` and is cut at its best partial sum in 36% (at
-    the end) to 100% (at the start) of the tasks, so this meta-gradient is mostly its first term, the
-    query gradient at the adapted parameters; no damping, ``eta`` or number of terms brings it
-    closer to MAML's exact gradient (cosine 0.71 at MAML's meta-parameters, as FOMAML's), since the
-    implicit gradient sees the curvature at the adapted parameters, not the one at theta that the
-    first inner step jumps across (top eigenvalue 600 to 1,800 at MAML's theta). With the system
-    damped to ``I + H/24`` (``lam=2``, ``damping=22``, 16 steps of 0.1, Adam 5e-3 annealed), where
-    the series converged in 98% of the tasks late in training: 95.8%; undamped with ``eta=0.2`` at
-    Adam 1e-3 95.1%, at 5e-3 90.5% (larger meta steps carried theta to sharper support losses, where
-    the series diverged in 30 to 86% of the tasks per meta-step).
+    On Omniglot ``fewshot compare`` uses the report's inner loop and series (5 steps of 0.01,
+    ``lam=1``, 4 terms with ``eta=1``, the report's "k=3"; 15 training queries per class) with Adam
+    from 5e-3 annealed linearly to zero (``meta_lr=5e-3``, ``meta_lr_schedule="linear"``). With
+    ``eta=1`` the condition above is ``|mu| < lam``; where it fails the series is cut at its best
+    partial sum, at the least its first term ``b``, the query gradient at the adapted parameters.
+    Its results, how often the series is cut there, and the damped and ``eta < 1`` settings compared
+    with it, are in ``docs/results.md``.
 
     References
     ----------
@@ -415,11 +390,10 @@ class PenaltyMAML(MetaLearner):
     {attributes}
     Notes
     -----
-    On Omniglot ``fewshot compare`` uses MAML's inner loop (``alpha = 0.4``, 5 steps, 10 at test) and
-    ``penalty=0.01``, ten times weaker than the default, so that the query loss dominates the
-    objective (not tuned further: its meta-gradient has cosine 1.0000 with MAML's at this weight),
-    and Adam at 5e-3 like MAML. After 2,000 meta-steps: 95.6% at Adam 1e-3 (MAML 95.7%), 97.6% at
-    5e-3 (MAML 97.0%); 95.1 and 97.2% on 600 validation tasks.
+    On Omniglot ``fewshot compare`` uses the class default inner loop (``alpha = 0.4``, 5 steps, 10
+    at test; 5 training queries per class), ``penalty=0.01``, ten times weaker than the default so
+    that the query loss dominates the objective, and Adam at 5e-3. Its results, and how close its
+    meta-gradient is to MAML's at this weight, are in ``docs/results.md``.
     """
 
     __init__ = estimator_init(**COMMON_PARAMS, penalty=0.1, memory_efficient=False)

@@ -36,8 +36,8 @@ _IMPLICIT_FAMILY = (IMAML, NeumannMAML)
 def _exact_solve(matvec, b, *, maxiter, tol):
     """The reference solve of ``(I + H/lam) x = b``: conjugate gradient from zero, and where it meets a
     direction of non-positive curvature (the system is indefinite, which plain CG cannot solve),
-    MINRES instead (conjugate gradient on the normal equations squares the condition number and
-    left residuals of 1e-2 in 100 iterations on small networks)."""
+    MINRES instead, whose convergence depends on the condition number of ``I + H/lam`` rather than
+    on its square as conjugate gradient on the normal equations does."""
     result = linalg.cg(matvec, b, maxiter=maxiter, tol=tol)
     if result.negative_curvature:
         result = linalg.minres(matvec, b, maxiter=maxiter, tol=tol)
@@ -97,8 +97,8 @@ def meta_gradient_fidelity(estimators, tasks, *, params: Params | None = None, e
         estimator's device and dtype (use ``dtype="float64"`` estimators for tight comparisons).
     exact_cg_steps, exact_cg_tol : int, float
         Iteration budget and relative tolerance of the ``"implicit"`` reference's solves (CG or
-        MINRES; they stop at the tolerance). 100 iterations left relative residuals of up to 7e-2
-        at Omniglot MAML's meta-parameters after 2,000 meta-steps at Adam 5e-3.
+        MINRES; they stop at the tolerance). The residual each reference reached is reported
+        (``reference_residual_max``); residuals measured on Omniglot: ``docs/results.md``.
 
     Returns
     -------

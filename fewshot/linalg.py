@@ -107,8 +107,8 @@ def cg_normal(matvec: Callable, b: Vector, *, maxiter: int = 100, tol: float | N
     ``M^2`` is positive definite whenever ``M`` is nonsingular, so this solves indefinite systems
     (where :func:`cg` stops at the first direction of non-positive curvature), at two matrix-vector
     products per iteration and the square of ``M``'s condition number. The returned residual is that
-    of the original system, ``||b - M x||``. The exact reference of the implicit gradient in
-    :mod:`fewshot.diagnostics`, where ``I + H/lam`` is often indefinite on real networks.
+    of the original system, ``||b - M x||``. For indefinite systems :func:`minres` converges with
+    the condition number itself, not its square.
     """
     result = cg(lambda v: matvec(matvec(v)), matvec(b), maxiter=maxiter, tol=tol, init=init)
     residual = tree_norm(tree_axpy(-1.0, matvec(result.x), b))

@@ -20,13 +20,12 @@ __all__ = ["Conv4", "MLP", "MaxPool2x2", "build_model", "init_parameters", "MODE
 class MaxPool2x2(nn.Module):
     """2x2 max-pooling with stride 2: the function and gradients of ``nn.MaxPool2d(2)``, faster.
 
-    PyTorch's CPU ``max_pool2d`` kernel for contiguous (NCHW) tensors is slow for these shapes (a
-    third of a Conv4 meta-step), while its channels-last kernel is vectorised: 3x faster forward
-    and backward together for a 75-image query batch. The position of each window's maximum is
-    found with the channels-last kernel outside autograd, and the maxima are gathered. Autograd,
-    and ``torch.func``'s ``grad``, ``jvp`` and ``vmap``, only see a ``gather`` with constant
-    indices: the same derivative, a cheap backward (a scatter) and exact higher-order derivatives
-    (pooling is piecewise linear).
+    PyTorch's CPU ``max_pool2d`` kernel for contiguous (NCHW) tensors is slow for these shapes,
+    while its channels-last kernel is vectorised (measured: ``docs/benchmarks.md``, "Implementation
+    choices"). The position of each window's maximum is found with the channels-last kernel outside
+    autograd, and the maxima are gathered. Autograd, and ``torch.func``'s ``grad``, ``jvp`` and
+    ``vmap``, only see a ``gather`` with constant indices: the same derivative, a cheap backward (a
+    scatter) and exact higher-order derivatives (pooling is piecewise linear).
     """
 
     def forward(self, x):
