@@ -23,7 +23,7 @@ from . import _parallel
 from . import models as _models
 from ._functional import LOSSES, BatchedTaskLoss, FunctionalModel, TaskLoss, inner_loop
 from ._tree import Params, tree_norm
-from ._validation import check_choice, check_labeled_set, check_number
+from ._validation import check_choice, check_inputs, check_labeled_set, check_number, check_targets
 from .exceptions import DivergenceError, NotFittedError, SolverWarning
 from .tasks import Task, TaskBatch, TaskSampler, as_task_batch
 
@@ -47,7 +47,7 @@ COMMON_PARAMS = dict(
     device="auto",
     dtype="float32",
     random_state=None,
-    verbose=0,
+    verbose="auto",
     warm_start=False,
     full_history=True,
     task_threads="auto",
@@ -106,6 +106,19 @@ class Evaluation(NamedTuple):
         return f"{self.mean:.4f} +- {self.ci95:.4f} (95% CI, {len(self.scores)} tasks)"
 
 
+def _interactive() -> bool:
+    """Whether a person is watching this process's output: standard error is a terminal, or the
+    process is a Jupyter kernel. False under pytest's capture, in pipes, files and batch jobs."""
+    import sys
+
+    if "ipykernel" in sys.modules:
+        return True
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
 def confidence_interval(scores) -> tuple[float, float]:
     scores = np.asarray(scores, dtype=float)
     if scores.size < 2:
@@ -121,6 +134,13 @@ class AdaptedModel:
     statistics (BatchNorm in training mode, as MAML evaluates); with ``transductive=False`` each
     input is predicted in a batch made of the support set plus that input alone, so predictions do
     not depend on the other query examples.
+
+    Inputs ``x`` (and ``score``'s targets ``y``) may be tensors or anything :func:`torch.as_tensor`
+    accepts (NumPy arrays, nested lists); they are checked as ``adapt`` checks the support set:
+    floating-point ``x`` of shape ``[n, *input_shape]`` without NaN or infinities (cast to the
+    estimator's dtype and device), integer class labels in ``0 .. n_way - 1``, regression targets of
+    shape ``[n, n_outputs]`` (or ``[n]`` for one output). Bad inputs raise ``TypeError`` or
+    ``ValueError`` naming the argument.
     """
 
     def __init__(self, fmodel: FunctionalModel, params: Params, *, task_type, n_outputs, input_shape,
@@ -130,21 +150,25 @@ class AdaptedModel:
         self.support, self.transductive = support, transductive
         self.dtype, self.device = dtype, device
 
+    def __repr__(self) -> str:
+        outputs = "n_way" if self.task_type == "classification" else "n_outputs"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (f"AdaptedModel(task_type={self.task_type!r}, {outputs}={self.n_outputs}, "
+                f"input_shape={self.input_shape}, support={len(self.support)} examples, "
+                f"transductive={self.transductive}, device={self.device}, dtype={dtype})")
+
     def _check_x(self, x) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if tuple(x.shape[1:]) != self.input_shape or x.dim() != len(self.input_shape) + 1:
-            raise ValueError(f"x must have shape [n, {', '.join(map(str, self.input_shape))}] like the "
-                             f"training inputs, got {list(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if not torch.isfinite(x).all():
-            raise ValueError("x contains NaN or infinite values")
+        x = check_inputs(x, self.input_shape, "x")
         return x.to(device=self.device, dtype=self.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Raw outputs (logits for classification)."""
-        x = self._check_x(x)
+        """Raw outputs (logits for classification), ``[n, n_outputs]``."""
+        return self._outputs(self._check_x(x))
+
+    __call__ = forward
+
+    def _outputs(self, x: Tensor) -> Tensor:
+        """Outputs for inputs already checked and on the model's device and dtype."""
         with torch.no_grad():
             if self.transductive:
                 return self.fmodel(self.params, x)
@@ -154,8 +178,6 @@ class AdaptedModel:
                 return self.fmodel(self.params, torch.cat([xs, xi[None]]))[-1]
 
             return vmap(one)(x)
-
-    __call__ = forward
 
     def predict(self, x: Tensor) -> Tensor:
         """Class labels (classification) or predicted targets (regression)."""
@@ -170,7 +192,13 @@ class AdaptedModel:
 
     def score(self, x: Tensor, y: Tensor) -> float:
         """Accuracy (classification) or negative mean squared error (regression) on ``(x, y)``."""
-        out = self.forward(x)
+        x = self._check_x(x)
+        y = check_targets(y, x, "y", task_type=self.task_type, n_outputs=self.n_outputs)
+        return self._score(x, y)
+
+    def _score(self, x: Tensor, y: Tensor) -> float:
+        """``score`` of inputs and targets already checked; ``x`` on the model's device and dtype."""
+        out = self._outputs(x)
         y = y.to(out.device)
         if self.task_type == "classification":
             return float((out.argmax(-1) == y).double().mean())
@@ -216,7 +244,7 @@ class MetaLearner(BaseEstimator):
             raise ValueError(f"full_history must be True or False, got {self.full_history!r}")
         if not isinstance(self.transductive, bool):
             raise ValueError(f"transductive must be True or False, got {self.transductive!r}")
-        check_number("verbose", self.verbose, low=0, integer=True)
+        check_number("verbose", self.verbose, low=0, integer=True, allow=("auto",))
         if isinstance(self.loss, str):
             check_choice("loss", self.loss, {"auto", *LOSSES})
         elif not callable(self.loss):
@@ -413,29 +441,35 @@ class MetaLearner(BaseEstimator):
             self._warn_about_solves(first_step)
         return self
 
+    #: A fit warns when more than this fraction of its linear solves (tasks times meta-steps) failed:
+    #: then most of its meta-gradients are not the solver's approximation of the implicit gradient.
+    _SOLVE_FAILURE_WARN = 0.5
+
     def _warn_about_solves(self, first_step: int):
-        """One :class:`~fewshot.exceptions.SolverWarning` per fit when implicit solves misbehaved
-        (the steps stay finite: CG stops at a direction of non-positive curvature and returns its
-        smallest-residual iterate; a diverging Neumann series is cut at its best partial sum)."""
+        """One :class:`~fewshot.exceptions.SolverWarning` per fit when most implicit solves failed:
+        CG stopped at a direction of non-positive curvature (and returned its smallest-residual
+        iterate), or the Neumann series diverged (and was cut at its best partial sum), in more than
+        ``_SOLVE_FAILURE_WARN`` of the fit's solves. Rarer failures are normal, leave every step
+        finite, and are recorded per meta-step in ``history_`` (``negative_curvature``,
+        ``solve_diverged``: the fraction of the meta-batch's tasks)."""
         h = self.history_
-        negative = sum(1 for v in h.get("negative_curvature", [])[first_step:] if v > 0)
-        diverged = sum(1 for v in h.get("solve_diverged", [])[first_step:] if v > 0)
-        steps = len(h.get("solve_residual", [])[first_step:])
-        if negative:
-            warnings.warn(
-                f"{type(self).__name__}: conjugate gradient met non-positive curvature of "
-                f"I + H/(lam + damping) in {negative} of {steps} meta-steps (for at least one task; the "
-                "Hessian has eigenvalues below -(lam + damping)) and returned its smallest-residual "
-                "iterate there; increase damping (the linear system's lam only) or lam to make the "
-                "system positive definite.",
-                SolverWarning, stacklevel=3)
-        if diverged:
-            warnings.warn(
-                f"{type(self).__name__}: the Neumann series diverged in {diverged} of {steps} meta-steps "
-                "and was cut at its best partial sum; lower neumann_lr, raise lam or set damping so that "
-                "0 < neumann_lr * (1 + mu/(lam + damping)) < 2 for the Hessian's eigenvalues mu (see the "
-                "class docstring).",
-                SolverWarning, stacklevel=3)
+        for key, message in (
+            ("negative_curvature",
+             "conjugate gradient met non-positive curvature of I + H/(lam + damping) (the Hessian of "
+             "the support loss at the adapted parameters has eigenvalues below -(lam + damping), so "
+             "the inner problem is not near a minimum) and returned its smallest-residual iterate"),
+            ("solve_diverged",
+             "the Neumann series diverged (0 < neumann_lr * (1 + mu/(lam + damping)) < 2 fails for "
+             "some Hessian eigenvalue mu) and was cut at its best partial sum"),
+        ):
+            fractions = h.get(key, [])[first_step:]
+            failed = sum(fractions) / len(fractions) if fractions else 0.0
+            if failed > self._SOLVE_FAILURE_WARN:
+                warnings.warn(
+                    f"{type(self).__name__}: in {100 * failed:.0f}% of this fit's solves {message}; "
+                    "its meta-gradients are then mostly not the implicit gradient. Solve the inner "
+                    "problem more accurately (more inner_steps, a larger inner_lr), or raise lam or "
+                    "damping (see the class docstring).", SolverWarning, stacklevel=3)
 
     def _make_optimizer(self, params: Params):
         cls = _OPTIMIZERS[self.meta_optimizer] if isinstance(self.meta_optimizer, str) else self.meta_optimizer
@@ -502,12 +536,18 @@ class MetaLearner(BaseEstimator):
             step=self.n_iter_ + 1, solver=type(self).__name__, last_finite=last,
         )
 
+    #: With ``verbose="auto"``, the progress bar appears once a fit has run this many seconds.
+    _PROGRESS_DELAY = 2.0
+
     def _progress(self, total):
-        if not self.verbose or total == 0:
+        """A tqdm progress bar over ``total`` meta-steps, or ``None`` (see ``verbose``)."""
+        auto = isinstance(self.verbose, str)
+        if total == 0 or (auto and not _interactive()) or (not auto and not self.verbose):
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=type(self).__name__, unit="step", leave=True)
+        return tqdm(total=total, desc=type(self).__name__, unit="step", leave=True,
+                    delay=self._PROGRESS_DELAY if auto else 0)
 
     def _progress_postfix(self, record):
         keys = ("query_loss_post", "query_acc_post")
@@ -684,7 +724,7 @@ class MetaLearner(BaseEstimator):
         scores = []
         for task in batch:
             adapted = self._adapted(task.support, device, dtype)
-            scores.append(adapted.score(task.query.x, task.query.y))
+            scores.append(adapted._score(task.query.x, task.query.y))  # checked with the batch
         mean, ci = confidence_interval(scores)
         return Evaluation(mean, ci, np.asarray(scores))
 

@@ -57,8 +57,11 @@ _COMMON_DOC = """
     dtype : "float32" or "float64", default="float32"
     random_state : int, RandomState instance or None, default=None
         Seeds the initial weights of named models and the task stream.
-    verbose : int, default=0
-        Show a progress bar with ETA when > 0.
+    verbose : "auto" or int, default="auto"
+        Progress bar (tqdm, with ETA) over the meta-steps. "auto": shown when a person is watching
+        (standard error is a terminal, or a Jupyter kernel runs the fit) and only once the fit has
+        run for two seconds; silent under pytest, in pipes, log files and batch jobs. 0: never;
+        > 0: always, from the first step.
     warm_start : bool, default=False
         Continue from the fitted meta-parameters and optimizer state on the next ``meta_fit``.
     full_history : bool, default=True

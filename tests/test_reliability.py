@@ -89,6 +89,21 @@ def test_cg_negative_curvature_is_handled_and_warned():
     assert max(est.history_["negative_curvature"]) > 0
 
 
+@pytest.mark.parametrize("key, fractions, warns", [
+    ("negative_curvature", [0.0, 0.25, 1.0, 0.5], False),   # 44% of the solves: recorded, not warned
+    ("negative_curvature", [0.5, 0.75, 1.0, 0.0], True),    # 56%
+    ("solve_diverged", [1.0, 1.0, 0.0, 0.0], False),        # exactly half
+    ("solve_diverged", [1.0, 1.0, 0.0, 0.25], True),
+])
+def test_solver_warning_fires_only_when_most_solves_failed(key, fractions, warns):
+    est = fewshot.IMAML()
+    est.history_ = {key: [0.0] * 10 + fractions}  # the first 10 steps belong to an earlier fit
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        est._warn_about_solves(first_step=10)
+    assert [issubclass(w.category, SolverWarning) for w in record] == ([True] if warns else [])
+
+
 def test_diverging_neumann_series_is_reported():
     sampler = SinusoidTasks()
     est = fewshot.NeumannMAML(lam=0.01, neumann_terms=6, neumann_lr=1.0, inner_steps=2, meta_steps=2,

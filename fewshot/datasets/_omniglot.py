@@ -48,7 +48,7 @@ _SETS = ("images_background", "images_evaluation")
 # (alphabets, characters) of each set; every character has IMAGES_PER_CHARACTER drawings.
 _EXPECTED = {"images_background": (30, 964), "images_evaluation": (20, 659)}
 _FOLDER = "omniglot-py"  # torchvision's folder name
-_ALT_FOLDER = "omniglot"  # where /work/shared/data-style copies keep the two zips
+_ALT_FOLDER = "omniglot"  # where a copy that keeps only the two zips has them (<data_home>/omniglot/)
 _URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
 _MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
         "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
@@ -185,7 +185,11 @@ def _list_set(folder: Path, name: str) -> list[tuple[str, list[Path]]]:
 
 def _decode(paths, image_size: int) -> np.ndarray:
     """PNG files -> ``uint8 [n, S, S]``, grayscale, LANCZOS-resized, inverted (strokes 255)."""
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise ImportError(f"building the Omniglot cache needs Pillow, which could not be imported ({err}); "
+                          'install it with `pip install "fewshot[datasets]"` or `pip install pillow`') from err
 
     out = np.empty((len(paths), image_size, image_size), dtype=np.uint8)
     for i, path in enumerate(paths):

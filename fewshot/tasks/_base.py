@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validation import as_tensor
+
 __all__ = [
     "LabeledSet",
     "Task",
@@ -32,11 +34,19 @@ __all__ = [
 class LabeledSet:
     """A set of examples ``x`` with targets ``y`` (first axis indexes examples).
 
-    Unpacks like a tuple: ``x, y = task.support``.
+    ``x`` and ``y`` may be given as anything :func:`torch.as_tensor` accepts (NumPy arrays, nested
+    lists); they are stored as tensors, with their dtype (tensors are kept as given, not copied).
+    They must have the same length along the first axis. Unpacks like a tuple:
+    ``x, y = task.support``.
     """
 
     x: Tensor
     y: Tensor
+
+    def __post_init__(self):
+        x, y = _checked_pair(self.x, self.y, "LabeledSet")
+        object.__setattr__(self, "x", x)
+        object.__setattr__(self, "y", y)
 
     def __iter__(self) -> Iterator[Tensor]:
         yield self.x
@@ -52,10 +62,15 @@ class LabeledSet:
 
 @dataclass(frozen=True)
 class Task:
-    """One few-shot task: ``support`` and ``query`` :class:`LabeledSet`."""
+    """One few-shot task: ``support`` and ``query`` :class:`LabeledSet` (or ``(x, y)`` pairs of
+    arrays, converted to them)."""
 
     support: LabeledSet
     query: LabeledSet
+
+    def __post_init__(self):
+        object.__setattr__(self, "support", _as_set(self.support, "Task.support"))
+        object.__setattr__(self, "query", _as_set(self.query, "Task.query"))
 
     def to(self, device=None, dtype=None) -> "Task":
         return Task(self.support.to(device, dtype), self.query.to(device, dtype))
@@ -66,11 +81,26 @@ class TaskBatch:
     """Tasks of equal shapes stacked on a leading axis: ``support.x`` is ``[n_tasks, n, ...]``.
 
     Indexing gives a :class:`Task` (an integer) or a smaller :class:`TaskBatch` (a slice);
-    iteration yields tasks.
+    iteration yields tasks. ``support`` and ``query`` may be given as ``(x, y)`` pairs of arrays;
+    both need the axes ``[n_tasks, n]`` in ``x`` and ``y`` and the same ``n_tasks``.
     """
 
     support: LabeledSet
     query: LabeledSet
+
+    def __post_init__(self):
+        sets = {}
+        for part in ("support", "query"):
+            name = f"TaskBatch.{part}"
+            s = sets[part] = _as_set(getattr(self, part), name)
+            if s.x.dim() < 2 or s.y.dim() < 2 or s.x.shape[1] != s.y.shape[1]:
+                raise ValueError(
+                    f"{name}.x and {name}.y must have shapes [n_tasks, n, ...] with the same n_tasks and n, "
+                    f"got {list(s.x.shape)} and {list(s.y.shape)} (one task is a Task, not a TaskBatch)")
+            object.__setattr__(self, part, s)
+        if len(sets["support"]) != len(sets["query"]):
+            raise ValueError(f"TaskBatch.support and TaskBatch.query must hold the same number of tasks, "
+                             f"got {len(sets['support'])} and {len(sets['query'])}")
 
     def __len__(self) -> int:
         return self.support.x.shape[0]
@@ -99,10 +129,37 @@ class TaskBatch:
         tasks = list(tasks)
         if not tasks:
             raise ValueError("TaskBatch.stack needs at least one task, got an empty sequence")
+        shapes = []
+        for i, t in enumerate(tasks):
+            if not isinstance(t, Task):
+                raise TypeError(f"TaskBatch.stack needs Task objects, got {type(t).__name__} at position {i}")
+            shapes.append([list(a.shape) for a in (t.support.x, t.support.y, t.query.x, t.query.y)])
+            if shapes[i] != shapes[0]:
+                raise ValueError(
+                    "TaskBatch.stack needs tasks of equal shapes; (support.x, support.y, query.x, query.y) "
+                    f"of task {i} are {shapes[i]}, of task 0 {shapes[0]}")
         return cls(
             LabeledSet(torch.stack([t.support.x for t in tasks]), torch.stack([t.support.y for t in tasks])),
             LabeledSet(torch.stack([t.query.x for t in tasks]), torch.stack([t.query.y for t in tasks])),
         )
+
+
+def _checked_pair(x, y, name):
+    """``x`` and ``y`` as tensors of the same length along their first axis; errors name ``name``."""
+    x, y = as_tensor(x, f"{name}.x"), as_tensor(y, f"{name}.y")
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{name}.x and {name}.y must have the same length along the first axis (one target "
+                         f"per example), got shapes {list(x.shape)} and {list(y.shape)}")
+    return x, y
+
+
+def _as_set(value, name) -> LabeledSet:
+    """A :class:`LabeledSet` given as one or as an ``(x, y)`` pair."""
+    if isinstance(value, LabeledSet):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return LabeledSet(*_checked_pair(value[0], value[1], name))
+    raise TypeError(f"{name} must be a LabeledSet or an (x, y) pair of arrays, got {type(value).__name__}")
 
 
 def _to(t: Tensor, device, dtype) -> Tensor:
@@ -217,7 +274,9 @@ def as_task_batch(tasks) -> TaskBatch:
         return TaskBatch.stack([tasks])
     if isinstance(tasks, (list, tuple)) and tasks and all(isinstance(t, Task) for t in tasks):
         return TaskBatch.stack(tasks)
-    raise TypeError(
-        "expected a TaskSampler, a TaskBatch, a Task or a non-empty list of Task objects, "
-        f"got {type(tasks).__name__}"
-    )
+    got = type(tasks).__name__
+    if isinstance(tasks, (list, tuple)):
+        bad = [(i, type(t).__name__) for i, t in enumerate(tasks) if not isinstance(t, Task)]
+        got = f"an empty {got}" if not tasks else f"a {got} whose item {bad[0][0]} is of type {bad[0][1]}"
+    raise TypeError(f"expected a TaskSampler, a TaskBatch, a Task or a non-empty list of Task objects, "
+                    f"got {got}")
