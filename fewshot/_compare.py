@@ -64,10 +64,9 @@ FIDELITY_FIELDS = ("method", "reference", "n_tasks", "cosine_mean", "cosine_std"
 CONFIG, CHECKPOINT, HISTORY, RESULT, ERROR = ("config.json", "checkpoint.joblib", "history.json",
                                               "result.json", "error.txt")
 #: Environment of the solver processes. OpenMP threads that wait for work spin by default; on a busy
-#: machine they then hold a core another thread needs. Measured on a 2-core machine with a load
-#: average of 5: scoring an Omniglot task took 5.6 s with 2 threads instead of 0.2 s, FineTune's
-#: sinusoid pre-training step 0.07 s instead of 0.001; "PASSIVE" (wait asleep) removed both. Only
-#: set when the user has not set it.
+#: machine they then hold a core another thread needs, which slows a loaded machine many times
+#: over ("PASSIVE": wait asleep; the measurement is in docs/compare.md, "Threads"). Only set when
+#: the user has not set it.
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 EVAL_CHUNK = 50  # evaluation tasks are drawn (and scored) 50 at a time from one seeded generator
 _FORMAT = 1  # bump when the files' meaning changes
@@ -269,7 +268,8 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
             if max_chunks is not None and chunks >= max_chunks:
                 return None
             # a decaying meta learning rate spans the whole run, not one chunk
-            est.set_params(meta_steps=min(chunk_size, total - done), warm_start=True,
+            # this loop shows the run's progress: the estimator's own bar stays off
+            est.set_params(meta_steps=min(chunk_size, total - done), warm_start=True, verbose=0,
                            **({"meta_lr_horizon": total} if _schedule_of(est) != "constant"
                               and spec["params"].get("meta_lr_horizon") is None else {}))
             try:
@@ -340,8 +340,8 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
 def _worker(solver_dir, *, chunk_size: int, quiet: bool, threads: int | None = None) -> int:
     """Entry of the per-solver subprocess: run, and on failure leave ``error.txt``.
 
-    The thread count comes from the solver's ``config.json`` (``threads``: the command line's, for
-    folders written before it was recorded there).
+    The thread count comes from the solver's ``config.json`` (``threads``), else from the command
+    line when the file has none.
     """
     import torch
 
@@ -444,6 +444,18 @@ def format_fidelity(rows) -> str:
 
 
 def _write_figures(out: Path, rows) -> list[Path]:
+    """The figures of the comparison; a failure to draw them (no matplotlib, an unwritable file) is
+    reported as a warning and never loses the tables, which are written first."""
+    try:
+        return _draw_figures(out, rows)
+    except Exception as err:  # noqa: BLE001 - figures are a by-product; the tables must survive
+        warnings.warn(f"the comparison's figures were not written ({type(err).__name__}: {err}); the "
+                      f"tables in {out} are complete, and `fewshot compare --table-only --out {out}` "
+                      "draws the figures again", RuntimeWarning, stacklevel=2)
+        return []
+
+
+def _draw_figures(out: Path, rows) -> list[Path]:
     from . import plotting
 
     histories = {}
@@ -545,7 +557,7 @@ def _prepare_dir(solver_dir: Path, spec: dict, force: bool) -> None:
         shutil.rmtree(solver_dir)
     if path.exists():
         old = _read_json(path)
-        if "threads" not in old:  # written before the thread count was recorded: not comparable
+        if "threads" not in old:  # a config.json without a thread count: take the requested one
             old["threads"] = spec.get("threads")
         if old != _jsonable(spec):
             if (solver_dir / RESULT).exists() and {**old, "threads": None} == {**_jsonable(spec), "threads": None}:

@@ -164,7 +164,7 @@ class MetaGridSearch(BaseEstimator):
         if self.refit:
             self.best_estimator_ = out[best]["estimator"]
         elif hasattr(self, "best_estimator_"):
-            del self.best_estimator_  # from an earlier search
+            del self.best_estimator_  # left by the last meta_fit
         return self
 
     def _validate(self, train_sampler):
@@ -256,6 +256,8 @@ def _fit_and_score(estimator, params, sampler, pool, one_thread, default_dtype, 
 
 def _run_candidate(estimator, params, sampler, pool, keep, error_score) -> dict:
     estimator.set_params(**params)
+    if estimator.get_params().get("verbose") == "auto":
+        estimator.set_params(verbose=0)  # candidates in parallel would draw interleaved bars
     start = time.perf_counter()
     try:
         estimator.meta_fit(sampler)

@@ -2,7 +2,7 @@
 
 Functions return a :class:`matplotlib.figure.Figure` built without :mod:`matplotlib.pyplot`, so they
 touch no global state and work on a headless machine (save with ``fig.savefig("name.png")``).
-Needs matplotlib (``pip install fewshot[plot]``).
+Uses matplotlib, a dependency of fewshot.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def _figure(**kwargs):
     try:
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(f"fewshot.plotting needs matplotlib ({err}); install it with "
-                          "`pip install matplotlib` or `pip install fewshot[plot]`") from err
+        raise ImportError(f"fewshot.plotting needs matplotlib ({err}); matplotlib is a "
+                          "dependency of fewshot: reinstall fewshot or `pip install matplotlib`") from err
     return Figure(**kwargs)
 
 

@@ -372,3 +372,22 @@ def test_finished_run_is_reused_under_another_thread_count(tmp_path):
     (tmp_path / "FOMAML" / "result.json").unlink()
     with pytest.raises(UsageError, match="threads"):
         run_comparison(["FOMAML"], threads=2, **kw)
+
+
+def test_a_plotting_failure_never_loses_the_table(tmp_path, monkeypatch):
+    from fewshot import plotting
+
+    def broken(*args, **kwargs):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(plotting, "plot_learning_curves", broken)
+    with pytest.warns(RuntimeWarning, match="figures were not written.*ImportError.*--table-only"):
+        result = run_comparison(["FOMAML"], dataset="sinusoid", meta_steps=2, meta_batch_size=2,
+                                inner_steps=1, eval_tasks=3, fidelity_tasks=0, out=tmp_path, quiet=True,
+                                isolate=False, threads=1)
+    assert result.results[0]["status"] == "ok"
+    assert (tmp_path / "results.csv").is_file() and (tmp_path / "results.json").is_file()
+    assert not (tmp_path / "curves_loss.png").exists()
+    monkeypatch.undo()
+    run_comparison(out=tmp_path, table_only=True)  # the figures, drawn again from the files
+    assert (tmp_path / "curves_loss.png").is_file() and (tmp_path / "score_vs_time.png").is_file()

@@ -261,3 +261,41 @@ def test_fuzz_hyperparameters_work_or_name_the_parameter(cls, name, value):
     except DivergenceError:
         return  # a legal but unstable setting (e.g. a huge step) stops loudly
     assert all(torch.isfinite(p).all() for p in est.params_.values())
+
+
+class _Terminal:
+    """A stand-in for a terminal's standard error (what a person running a script sees)."""
+
+    def __init__(self):
+        self.text = []
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text.append(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("verbose, terminal, shown", [
+    ("auto", False, False),   # pytest's capture, pipes, batch jobs: silent
+    ("auto", True, True),     # a terminal: a bar (after _PROGRESS_DELAY seconds)
+    (0, True, False),
+    (1, False, True),
+])
+def test_progress_bar_shows_only_when_a_person_watches(monkeypatch, verbose, terminal, shown):
+    import sys
+
+    if terminal:
+        monkeypatch.setattr(sys, "stderr", _Terminal())
+    est = fewshot.MAML(verbose=verbose)
+    bar = est._progress(10)
+    try:
+        assert (bar is not None) == shown
+        if bar is not None:
+            assert bar.delay == (est._PROGRESS_DELAY if verbose == "auto" else 0)
+    finally:
+        if bar is not None:
+            bar.close()
