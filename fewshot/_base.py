@@ -242,6 +242,15 @@ class MetaLearner(BaseEstimator):
         check_number("task_threads", self.task_threads, low=1, integer=True, allow=("auto",))
         if not isinstance(self.full_history, bool):
             raise ValueError(f"full_history must be True or False, got {self.full_history!r}")
+        if not isinstance(self.warm_start, bool):
+            raise ValueError(f"warm_start must be True or False, got {self.warm_start!r}")
+        # What sklearn's check_random_state accepts, checked here so the message names the argument
+        # (bool is refused although sklearn takes it as 0/1: it is surely a mistake).
+        rs = self.random_state
+        if not (rs is None or rs is np.random or isinstance(rs, np.random.RandomState)
+                or (isinstance(rs, (int, np.integer)) and not isinstance(rs, bool) and 0 <= rs < 2**32)):
+            raise ValueError("random_state must be None, an integer in [0, 2**32) or a numpy RandomState, "
+                             f"got {rs!r}")
         if not isinstance(self.transductive, bool):
             raise ValueError(f"transductive must be True or False, got {self.transductive!r}")
         check_number("verbose", self.verbose, low=0, integer=True, allow=("auto",))
@@ -279,6 +288,14 @@ class MetaLearner(BaseEstimator):
         if not isinstance(sampler, TaskSampler):
             raise TypeError("meta_fit expects a fewshot.tasks.TaskSampler (for example "
                             f"fewshot.tasks.SinusoidTasks()), got {type(sampler).__name__}")
+        # _setup builds the model from these three attributes, so a bad one fails here, by name.
+        name = type(sampler).__name__
+        check_choice(f"{name}.task_type", sampler.task_type, {"classification", "regression"})
+        shape = sampler.input_shape
+        if not (isinstance(shape, (tuple, list)) and all(
+                isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in shape)):
+            raise ValueError(f"{name}.input_shape must be a tuple of positive integers, got {shape!r}")
+        check_number(f"{name}.n_outputs", sampler.n_outputs, low=1, integer=True)
 
     def _n_model_outputs(self, sampler) -> int:
         return sampler.n_outputs

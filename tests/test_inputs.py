@@ -81,7 +81,6 @@ def check(call, error, match, ctx):
 # --------------------------------------------------------------------------------------------------
 # Estimator parameters: checked when meta_fit starts
 
-_NOT_MINE = "checked in MetaLearner._validate_params/_fit, outside this change"
 ESTIMATOR = [
     case("inner_lr=-0.1", lambda c: fit(c.clf_tasks, inner_lr=-0.1), ValueError, r"inner_lr must be > 0"),
     case("inner_lr='fast'", lambda c: fit(c.clf_tasks, inner_lr="fast"), ValueError,
@@ -144,17 +143,29 @@ ESTIMATOR = [
     case("unknown parameter", lambda c: fewshot.IMAML(lamda=1.0), TypeError,
          r"unexpected keyword argument\(s\) \['lamda'\]"),
     case("warm_start='yes'", lambda c: fit(c.clf_tasks, warm_start="yes"), ValueError,
-         r"warm_start must be True or False", xfail=_NOT_MINE),
+         r"warm_start must be True or False"),
     case("random_state=-1", lambda c: fit(c.clf_tasks, random_state=-1), ValueError,
-         r"random_state", xfail=_NOT_MINE),
-    case("random_state='seed'", lambda c: fit(c.clf_tasks, random_state="seed"), (TypeError, ValueError),
-         r"random_state", xfail=_NOT_MINE),
+         r"random_state must be None, an integer in \[0, 2\*\*32\) or a numpy RandomState, got -1"),
+    case("random_state='seed'", lambda c: fit(c.clf_tasks, random_state="seed"), ValueError,
+         r"random_state must be .*got 'seed'"),
+    case("random_state=2**32", lambda c: fit(c.clf_tasks, random_state=2**32), ValueError,
+         r"random_state must be .*got 4294967296"),
+    case("random_state=True", lambda c: fit(c.clf_tasks, random_state=True), ValueError,
+         r"random_state must be .*got True"),
 ]
 
 
 @pytest.mark.parametrize("call, error, match", ESTIMATOR)
 def test_bad_estimator_parameters(call, error, match, ctx):
     check(call, error, match, ctx)
+
+
+def test_random_state_takes_what_check_random_state_takes(ctx):
+    """A NumPy integer or RandomState seeds meta_fit like the plain int."""
+    expected = fit(ctx.clf_tasks, random_state=3).params_
+    for seed in (np.int64(3), np.random.RandomState(3)):
+        assert_close(fit(ctx.clf_tasks, random_state=seed).params_, expected)
+    fit(ctx.clf_tasks, random_state=None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +202,15 @@ SAMPLERS = [
          lambda c: fewshot.FineTune(meta_steps=1).meta_fit(Edited(lambda b: b)), TypeError,
          r"FineTune needs pooled pre-training data, which Edited"),
     case("n_outputs=0", lambda c: fit(Edited(lambda b: b, n_outputs=0, n_way=0)), ValueError,
-         r"n_outputs", xfail="MetaLearner._setup uses sampler attributes unchecked, outside this change"),
+         r"Edited.n_outputs must be >= 1, got 0"),
+    case("n_outputs=2.0", lambda c: fit(Edited(lambda b: b, n_outputs=2.0)), ValueError,
+         r"Edited.n_outputs must be an integer, got 2.0"),
+    case("task_type='ranking'", lambda c: fit(Edited(lambda b: b, task_type="ranking")), ValueError,
+         r"Edited.task_type must be one of \['classification', 'regression'\], got 'ranking'"),
+    case("input_shape=(0,)", lambda c: fit(Edited(lambda b: b, input_shape=(0,))), ValueError,
+         r"Edited.input_shape must be a tuple of positive integers, got \(0,\)"),
+    case("input_shape=4", lambda c: fit(Edited(lambda b: b, input_shape=4)), ValueError,
+         r"Edited.input_shape must be a tuple of positive integers, got 4"),
 ]
 
 
@@ -370,7 +389,6 @@ def test_bad_evaluation_inputs(call, error, match, ctx):
 # --------------------------------------------------------------------------------------------------
 # Task samplers
 
-_SYNTHETIC = "checked in fewshot/tasks/_synthetic.py, outside this change"
 TASK_SAMPLERS = [
     case("SinusoidTasks k_shot=0", lambda c: SinusoidTasks(k_shot=0),
          ValueError, r"k_shot must be an integer >= 1"),
@@ -408,18 +426,24 @@ TASK_SAMPLERS = [
          r"random_state must be .*got float"),
     case("sample random_state=-1", lambda c: c.reg_tasks.sample(2, random_state=-1), ValueError,
          r"random_state must be a non-negative integer"),
-    case("GaussianClusterTasks noise=-1", lambda c: GaussianClusterTasks(noise=-1), ValueError, r"noise",
-         xfail=_SYNTHETIC),
+    case("GaussianClusterTasks noise=-1", lambda c: GaussianClusterTasks(noise=-1), ValueError,
+         r"noise must be a non-negative number, got -1"),
     case("GaussianClusterTasks noise='a'", lambda c: GaussianClusterTasks(noise="a"), ValueError,
-         r"noise must be", xfail=_SYNTHETIC),
+         r"noise must be a non-negative number, got 'a'"),
     case("GaussianClusterTasks seed='a'", lambda c: GaussianClusterTasks(seed="a"), ValueError,
-         r"seed must be", xfail=_SYNTHETIC),
-    case("GaussianClusterTasks seed=1.5", lambda c: GaussianClusterTasks(seed=1.5), ValueError, r"seed",
-         xfail=_SYNTHETIC),
+         r"seed must be an integer >= 0, got 'a'"),
+    case("GaussianClusterTasks seed=1.5", lambda c: GaussianClusterTasks(seed=1.5), ValueError,
+         r"seed must be an integer >= 0, got 1.5"),
+    case("GaussianClusterTasks seed=-1", lambda c: GaussianClusterTasks(seed=-1), ValueError,
+         r"seed must be an integer >= 0, got -1"),
     case("LinearRegressionTasks w_mean='a'", lambda c: LinearRegressionTasks(w_mean="a"), ValueError,
-         r"w_mean must be", xfail=_SYNTHETIC),
-    case("SinusoidTasks noise=inf", lambda c: SinusoidTasks(noise=math.inf), ValueError, r"noise",
-         xfail=_SYNTHETIC),
+         r"w_mean must be a number, got 'a'"),
+    case("LinearRegressionTasks w_mean=nan", lambda c: LinearRegressionTasks(w_mean=math.nan), ValueError,
+         r"w_mean must be finite, got nan"),
+    case("LinearRegressionTasks w_std=inf", lambda c: LinearRegressionTasks(w_std=math.inf), ValueError,
+         r"w_std must be finite, got inf"),
+    case("SinusoidTasks noise=inf", lambda c: SinusoidTasks(noise=math.inf), ValueError,
+         r"noise must be finite, got inf"),
 ]
 
 

@@ -19,6 +19,15 @@ def _check_positive_int(name, value, minimum=1):
     return int(value)
 
 
+def _check_real(name, value, *, non_negative=False):
+    kind = "a non-negative number" if non_negative else "a number"
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or (non_negative and value < 0):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
 def _check_range(name, value):
     try:
         lo, hi = (float(v) for v in value)
@@ -51,9 +60,7 @@ class SinusoidTasks(TaskSampler):
         self.amplitude = _check_range("amplitude", amplitude)
         self.phase = _check_range("phase", phase)
         self.x_range = _check_range("x_range", x_range)
-        if not (isinstance(noise, numbers.Real) and noise >= 0):
-            raise ValueError(f"noise must be a non-negative number, got {noise!r}")
-        self.noise = float(noise)
+        self.noise = _check_real("noise", noise, non_negative=True)
         self.n_pretrain_outputs = 1
 
     def _functions(self, n, gen):
@@ -98,10 +105,9 @@ class LinearRegressionTasks(TaskSampler):
         self.n_features = _check_positive_int("n_features", n_features)
         self.k_shot = _check_positive_int("k_shot", k_shot)
         self.n_query = _check_positive_int("n_query", n_query)
-        for name, v in (("noise", noise), ("w_std", w_std)):
-            if not (isinstance(v, numbers.Real) and v >= 0):
-                raise ValueError(f"{name} must be a non-negative number, got {v!r}")
-        self.noise, self.w_mean, self.w_std = float(noise), float(w_mean), float(w_std)
+        self.noise = _check_real("noise", noise, non_negative=True)
+        self.w_mean = _check_real("w_mean", w_mean)
+        self.w_std = _check_real("w_std", w_std, non_negative=True)
         self.input_shape = (self.n_features,)
         self.n_pretrain_outputs = 1
 
@@ -147,7 +153,8 @@ class GaussianClusterTasks(TaskSampler):
         self.n_classes = _check_positive_int("n_classes", n_classes, 2)
         if self.n_way > self.n_classes:
             raise ValueError(f"n_way={self.n_way} is larger than the n_classes={self.n_classes} available")
-        self.noise, self.seed = float(noise), int(seed)
+        self.noise = _check_real("noise", noise, non_negative=True)
+        self.seed = _check_positive_int("seed", seed, 0)
         self.centres = torch.randn((self.n_classes, self.n_features),
                                    generator=torch.Generator().manual_seed(self.seed))
         self.input_shape = (self.n_features,)
