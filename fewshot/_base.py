@@ -679,9 +679,14 @@ class MetaLearner(BaseEstimator):
     def _adapt_steps(self):
         return self.inner_steps if self.adapt_steps is None else self.adapt_steps
 
+    def _inner_solver(self):
+        """The inner loop of meta-training and of ``adapt``: plain gradient descent unless the
+        solver's inner problem is proximal with backtracking (:func:`proximal_descent`)."""
+        return inner_loop
+
     def _adapt_params(self, support) -> Params:
-        phi, _, _ = inner_loop(self._task_loss, self.params_, support.x, support.y, lr=self.inner_lr_,
-                               steps=self._adapt_steps(), lam=self._inner_lam())
+        phi, _, _ = self._inner_solver()(self._task_loss, self.params_, support.x, support.y,
+                                         lr=self.inner_lr_, steps=self._adapt_steps(), lam=self._inner_lam())
         return {k: v.detach() for k, v in phi.items()}
 
     def meta_gradient(self, tasks, *, params: Params | None = None) -> list[Params]:

@@ -19,7 +19,7 @@ from torch.func import functional_call, grad, jvp
 from ._tree import Params
 
 __all__ = ["FunctionalModel", "TaskLoss", "BatchedTaskLoss", "LOSSES", "value_and_grad", "inner_loop",
-           "make_hvp"]
+           "proximal_descent", "make_hvp"]
 
 
 def _direct_plan(module: nn.Module):
@@ -311,6 +311,53 @@ def inner_loop(task_loss: TaskLoss, theta: Params, x: Tensor, y: Tensor, *, lr: 
     if not create_graph:
         phi = {k: v.detach() for k, v in phi.items()}
     return phi, first, path
+
+
+#: Sufficient-decrease constant of :func:`proximal_descent`'s backtracking (Armijo's condition).
+ARMIJO_C = 1e-4
+
+
+def proximal_descent(task_loss: TaskLoss, theta: Params, x: Tensor, y: Tensor, *, lr: float, steps: int,
+                     lam: float, max_halvings: int = 10):
+    """``steps`` of gradient descent with backtracking on iMAML's proximal inner problem.
+
+    Minimises ``G(phi) = L(phi) + lam/2 ||phi - theta||^2`` (``L`` the support loss) from
+    ``phi_0 = theta``. Step ``j`` tries ``phi_j - t grad G(phi_j)`` with ``t = lr`` and halves ``t``
+    until Armijo's condition ``G(trial) <= G(phi_j) - ARMIJO_C * t ||grad G(phi_j)||^2`` holds; if it
+    fails ``max_halvings`` times the loop stops at ``phi_j``. So ``G`` never increases, whatever the
+    curvature: plain gradient descent with a fixed step diverges once the curvature of ``G`` exceeds
+    ``2 / lr``, which the implicit meta-gradient, blind to the inner loop, does not prevent. Where
+    ``lr`` is small enough for the curvature, no step is halved and the iterates are those of
+    :func:`inner_loop` with ``lam``. No graph is kept. Returns ``(phi, (loss_0, metric_0), [])``
+    like :func:`inner_loop`.
+    """
+    theta = {k: v.detach() for k, v in theta.items()}
+
+    def objective(phi):
+        g, aux = value_and_grad(lambda p: task_loss.with_aux(p, x, y), phi)
+        with torch.no_grad():
+            value = aux[0] + lam / 2 * sum(torch.sum((phi[k] - theta[k]) ** 2) for k in phi)
+            g = {k: g[k] + lam * (phi[k] - theta[k]) for k in phi}
+        return value, g, aux
+
+    if steps == 0:
+        return theta, None, []
+    phi = theta
+    value, g, first = objective(phi)
+    for _ in range(steps):
+        slope = sum(torch.sum(v * v) for v in g.values())
+        t = lr
+        for _ in range(max_halvings + 1):
+            with torch.no_grad():
+                trial = {k: phi[k] - t * g[k] for k in phi}
+            trial_value, trial_g, _ = objective(trial)
+            if bool(trial_value <= value - ARMIJO_C * t * slope):  # False for NaN: halve
+                break
+            t /= 2
+        else:
+            break
+        phi, value, g = trial, trial_value, trial_g
+    return phi, first, []
 
 
 def make_hvp(task_loss: TaskLoss, params: Params, x: Tensor, y: Tensor, mode: str = "fwdrev"):

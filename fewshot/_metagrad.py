@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from ._functional import TaskLoss, inner_loop, make_hvp, value_and_grad
+from ._functional import TaskLoss, inner_loop, make_hvp, proximal_descent, value_and_grad
 from ._tree import Params, tree_norm
 from .linalg import SolveResult
 
@@ -199,7 +199,9 @@ class ReptileRule:
 class Implicit:
     """Implicit meta-gradient of the proximal inner problem.
 
-    ``phi*`` is approximated by ``steps`` gradient steps on ``Ls(phi) + lam/2 ||phi - theta||^2``;
+    ``phi*`` is approximated by ``steps`` gradient steps on ``Ls(phi) + lam/2 ||phi - theta||^2``
+    (with ``backtracking``, :func:`~fewshot._functional.proximal_descent`: steps halved until the
+    objective decreases);
     the meta-gradient is ``x = (I + H/(lam + damping))^{-1} grad Lq(phi*)`` with
     ``H = grad^2 Ls(phi*)`` (``damping=0``: the implicit gradient), found by
     ``solve(matvec, b, maxiter=solve_iters, tol=solve_tol, **solve_kwargs)`` using Hessian-vector
@@ -216,13 +218,15 @@ class Implicit:
     warm_start: bool = True  # start CG from grad Lq (the first-order answer) instead of zero
     damping: float = 0.0     # added to lam in the linear system only (not in the inner loop)
     hvp_mode: str = "fwdrev"
+    backtracking: bool = False
     full_stats: bool = field(default=True, kw_only=True)
     batchable = False  # the solver's inner products would couple batched tasks
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support
-        phi, support_pre, _ = inner_loop(task_loss, theta, xs, ys, lr=self.lr, steps=self.steps,
-                                         lam=self.lam)
+        solve_inner = proximal_descent if self.backtracking else inner_loop
+        phi, support_pre, _ = solve_inner(task_loss, theta, xs, ys, lr=self.lr, steps=self.steps,
+                                          lam=self.lam)
         gq, query_post = value_and_grad(query_objective(task_loss, task), phi)
         hvp = make_hvp(task_loss, phi, xs, ys, self.hvp_mode)
         lam = self.lam + self.damping

@@ -11,6 +11,7 @@ import functools
 
 from . import linalg
 from ._base import COMMON_PARAMS, MetaLearner, estimator_init
+from ._functional import inner_loop, proximal_descent
 from ._metagrad import FirstOrder, Implicit, ReptileRule, Unrolled, penalty_objective, query_objective
 from ._validation import check_choice, check_number
 
@@ -250,8 +251,27 @@ class Reptile(MetaLearner):
         return ReptileRule(self.inner_lr_, self.inner_steps, self.inner_data, self.inner_shots)
 
 
+class _ProximalInnerProblem(MetaLearner):
+    """The inner problem of the implicit solvers: ``Ls(phi) + lam/2 ||phi - theta||^2``, solved by
+    gradient descent, with backtracking when ``backtracking=True`` (in meta-training and ``adapt``
+    alike)."""
+
+    _extra_checks = {"lam": _positive, "damping": _non_negative,
+                     "backtracking": lambda n, v: check_choice(n, str(v), {"True", "False"})}
+
+    def _inner_lam(self):
+        return float(self.lam)
+
+    def _inner_solver(self):
+        return proximal_descent if self.backtracking else inner_loop
+
+    def _implicit_rule(self, solve, iters, tol, kwargs):
+        return Implicit(self.inner_lr_, self.inner_steps, float(self.lam), solve, iters, tol, kwargs,
+                        damping=float(self.damping), backtracking=bool(self.backtracking))
+
+
 @_doc
-class IMAML(MetaLearner):
+class IMAML(_ProximalInnerProblem):
     """Implicit MAML: the implicit meta-gradient of a proximally regularised inner problem.
 
     The inner problem is ``phi* = argmin_phi Ls(phi) + lam/2 ||phi - theta||^2``, approximated by k
@@ -300,20 +320,16 @@ class IMAML(MetaLearner):
     Rajeswaran, Finn, Kakade, Levine. Meta-learning with implicit gradients. NeurIPS 2019.
     """
 
-    __init__ = estimator_init(**COMMON_PARAMS, lam=1.0, cg_steps=5, cg_tol=1e-10, damping=0.0)
-    _extra_checks = {"lam": _positive, "cg_steps": _count, "cg_tol": _non_negative,
-                     "damping": _non_negative}
-
-    def _inner_lam(self):
-        return float(self.lam)
+    __init__ = estimator_init(**COMMON_PARAMS, lam=1.0, cg_steps=5, cg_tol=1e-10, damping=0.0,
+                              backtracking=True)
+    _extra_checks = {**_ProximalInnerProblem._extra_checks, "cg_steps": _count, "cg_tol": _non_negative}
 
     def _make_rule(self):
-        return Implicit(self.inner_lr_, self.inner_steps, float(self.lam), linalg.cg, self.cg_steps,
-                        self.cg_tol, {}, damping=float(self.damping))
+        return self._implicit_rule(linalg.cg, self.cg_steps, self.cg_tol, {})
 
 
 @_doc
-class NeumannMAML(MetaLearner):
+class NeumannMAML(_ProximalInnerProblem):
     """iMAML's implicit meta-gradient with the inverse replaced by a truncated Neumann series.
 
     Inner problem and ``phi*`` as in :class:`IMAML`. With ``M = I + H/lam``, ``b = grad Lq(phi*)``,
@@ -360,17 +376,14 @@ class NeumannMAML(MetaLearner):
     differentiation. AISTATS 2020.
     """
 
-    __init__ = estimator_init(**COMMON_PARAMS, lam=1.0, neumann_terms=4, neumann_lr=1.0, damping=0.0)
-    _extra_checks = {"lam": _positive, "neumann_terms": _count, "neumann_lr": _positive,
-                     "damping": _non_negative}
-
-    def _inner_lam(self):
-        return float(self.lam)
+    __init__ = estimator_init(**COMMON_PARAMS, lam=1.0, neumann_terms=4, neumann_lr=1.0, damping=0.0,
+                              backtracking=True)
+    _extra_checks = {**_ProximalInnerProblem._extra_checks, "neumann_terms": _count,
+                     "neumann_lr": _positive}
 
     def _make_rule(self):
-        return Implicit(self.inner_lr_, self.inner_steps, float(self.lam), linalg.neumann,
-                        self.neumann_terms, None, {"lr": float(self.neumann_lr), "stop_on_growth": True},
-                        damping=float(self.damping))
+        return self._implicit_rule(linalg.neumann, self.neumann_terms, None,
+                                   {"lr": float(self.neumann_lr), "stop_on_growth": True})
 
 
 @_doc

@@ -164,7 +164,7 @@ def test_neumann_damping_sums_the_series_of_the_damped_system(p, lam, lr, k, ter
     rhs = p["B"] @ (phi_k - p["b"])
     expected = eta * sum(torch.linalg.matrix_power(p["I"] - eta * M, j) for j in range(terms)) @ rhs
     estimator = fewshot.NeumannMAML(lam=lam, inner_steps=k, neumann_terms=terms, neumann_lr=eta,
-                                    damping=damping)
+                                    damping=damping, backtracking=False)  # phi_k: plain descent
     estimator.inner_lr_ = lr  # resolved by meta_fit; the rule is the estimator's own
     g, _ = estimator._make_rule()(QuadraticLoss(), p["theta"], p["task"])
     close(g["phi"], expected)
@@ -297,3 +297,41 @@ def test_minres_on_dicts_matches_cg_normal_and_its_residual_never_grows():
     residuals = [float(linalg.minres(op, split(b), maxiter=k, tol=None).residual) for k in range(n + 1)]
     assert all(r1 <= r0 * (1 + 1e-10) for r0, r1 in zip(residuals, residuals[1:]))
     assert residuals[-1] < 1e-10 * residuals[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems(), lrs, st.floats(0.1, 2.0), st.integers(1, 12))
+def test_backtracking_is_plain_descent_where_the_step_is_stable(p, lr, lam, steps):
+    # The proximal objective's curvature is at most 1 + lam; a step below 1 / (1 + lam) decreases it
+    # by at least half the linear prediction, so Armijo's condition never halves it.
+    from fewshot._functional import proximal_descent
+
+    lr = lr / (1 + lam)
+    args = (QuadraticLoss(), p["theta"], p["A"], p["a"])
+    plain, _, _ = inner_loop(*args, lr=lr, steps=steps, lam=lam)
+    safe, first, _ = proximal_descent(*args, lr=lr, steps=steps, lam=lam)
+    torch.testing.assert_close(safe["phi"], plain["phi"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(first[0], QuadraticLoss()(p["theta"], p["A"], p["a"]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems(), st.floats(3.0, 50.0), st.floats(0.1, 2.0))
+def test_backtracking_never_raises_the_proximal_objective(p, curvature, lam):
+    # A step far too large for the curvature: plain descent blows up, backtracking descends.
+    from fewshot._functional import proximal_descent
+
+    A = p["A"] * curvature
+    theta, a = p["theta"], p["a"]
+
+    def objective(phi):
+        return float(QuadraticLoss()(phi, A, a) + lam / 2 * torch.sum((phi["phi"] - theta["phi"]) ** 2))
+
+    lr = 4.0 / (curvature + lam)
+    values = [objective(theta)]
+    for steps in range(1, 8):
+        phi, _, _ = proximal_descent(QuadraticLoss(), theta, A, a, lr=lr, steps=steps, lam=lam)
+        values.append(objective(phi))
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(values, values[1:])), values
+    plain, _, _ = inner_loop(QuadraticLoss(), theta, A, a, lr=lr, steps=7, lam=lam)
+    if objective(plain) > values[0]:  # the top eigenvalue is large enough for plain descent to diverge
+        assert values[-1] < values[0]

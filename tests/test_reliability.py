@@ -299,3 +299,28 @@ def test_progress_bar_shows_only_when_a_person_watches(monkeypatch, verbose, ter
     finally:
         if bar is not None:
             bar.close()
+
+
+def test_backtracking_keeps_the_implicit_solvers_inner_loop_from_diverging():
+    # Steps of 0.5 are far too large for the sinusoid network's support-loss curvature: the fixed
+    # step blows the inner loop up at once; with backtracking every step lowers the proximal objective.
+    from fewshot._functional import proximal_descent
+
+    sampler = SinusoidTasks()
+    kw = dict(inner_lr=0.5, inner_steps=5, meta_steps=10, meta_batch_size=4, random_state=0, verbose=0)
+    with pytest.raises(DivergenceError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SolverWarning)
+            fewshot.IMAML(backtracking=False, **kw).meta_fit(sampler)
+    for cls in (fewshot.IMAML, fewshot.NeumannMAML):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SolverWarning)
+            est = cls(**kw).meta_fit(sampler)
+        h = est.history_
+        assert all(post <= pre for pre, post in zip(h["support_loss_pre"], h["support_loss_post"]))
+        # adapt runs the same inner loop as meta-training
+        task = sampler.sample(random_state=1)
+        phi, _, _ = proximal_descent(est._task_loss, est.params_, task.support.x, task.support.y,
+                                     lr=0.5, steps=5, lam=est.lam)
+        expected = est.fmodel_(phi, task.query.x)
+        torch.testing.assert_close(est.adapt(task.support).predict(task.query.x), expected)
