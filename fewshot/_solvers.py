@@ -8,6 +8,7 @@ Each class only declares its hyperparameters and picks its meta-gradient rule
 from __future__ import annotations
 
 import functools
+import inspect
 
 from . import linalg
 from ._base import COMMON_PARAMS, MetaLearner, estimator_init
@@ -104,7 +105,12 @@ _ATTRIBUTES_DOC = """
 
 
 def _doc(cls):
-    cls.__doc__ = cls.__doc__.replace("{common}", _COMMON_DOC).replace("{attributes}", _ATTRIBUTES_DOC)
+    """Fill the shared parameter and attribute sections in, with the class's own default of
+    ``inner_steps`` (the implicit solvers take more steps)."""
+    common = _COMMON_DOC.replace(
+        "inner_steps : int, default=5",
+        f"inner_steps : int, default={inspect.signature(cls).parameters['inner_steps'].default}")
+    cls.__doc__ = cls.__doc__.replace("{common}", common).replace("{attributes}", _ATTRIBUTES_DOC)
     return cls
 
 
@@ -251,6 +257,10 @@ class Reptile(MetaLearner):
         return ReptileRule(self.inner_lr_, self.inner_steps, self.inner_data, self.inner_shots)
 
 
+#: Parameters of the implicit solvers' inner problem (ten inner steps: see IMAML's Notes).
+_PROXIMAL_PARAMS = {**COMMON_PARAMS, "inner_steps": 10, "lam": 1.0, "damping": 0.0, "backtracking": True}
+
+
 class _ProximalInnerProblem(MetaLearner):
     """The inner problem of the implicit solvers: ``Ls(phi) + lam/2 ||phi - theta||^2``, solved by
     gradient descent, with backtracking when ``backtracking=True`` (in meta-training and ``adapt``
@@ -287,16 +297,35 @@ class IMAML(_ProximalInnerProblem):
     start (the fraction of such tasks is ``history_["negative_curvature"]``).
     ``history_`` also holds ``solve_iters`` and ``solve_residual`` (``||b - M x|| / ||b||``).
 
-    The proximal inner loop is gradient descent on ``Ls + lam/2 ||phi - theta||^2``, stable only for
-    ``inner_lr < 2 / (lam + curvature of Ls)``. ``damping`` solves the system with ``lam + damping``
-    in place of ``lam``, as iMAML's reference code does (``imaml_dev``: CG on
-    ``2 v + H v / (lam + 10)``, i.e. ``I + H/24`` for ``lam=2``, up to a factor 2 of the answer).
+    ``damping`` solves the system with ``lam + damping`` in place of ``lam``, as iMAML's reference
+    code does (``imaml_dev``: CG on ``2 v + H v / (lam + 10)``, i.e. ``I + H/24`` for ``lam=2``, up to
+    a factor 2 of the answer).
+
+    Where it is stable. (1) The inner loop must not diverge. Gradient descent with a fixed step on
+    ``G = Ls + lam/2 ||phi - theta||^2`` needs ``inner_lr < 2 / (lam + lambda_max(H))`` along its
+    path, and nothing in the implicit meta-gradient, which never differentiates the inner loop,
+    keeps theta out of regions where meta-training has made the support loss sharper than that
+    (MAML's exact gradient sees the blow-up and does). With ``backtracking=True`` (the default) a
+    step is halved until ``G`` decreases (Armijo's condition), so ``G`` never increases whatever the
+    curvature; where the step suits the curvature nothing is halved and the iterates are the fixed
+    step's. (2) The implicit gradient is that of the minimiser ``phi*``, where ``I + H/lam`` is
+    positive semi-definite: ``phi_k`` must be near it. Along flat directions k steps shrink the
+    distance to ``phi*`` only by the factor ``(1 - inner_lr * lam)^k``, so few small steps leave the
+    inner problem unsolved; CG then meets non-positive curvature in many tasks (a ``SolverWarning``
+    when in most) and the meta-step follows a gradient of no objective. The defaults (10 steps with
+    backtracking, ``lam=1``; ``inner_lr="auto"``) train every offline task family for their 2,000
+    meta-steps (``python -m pytest -m slow``); 5 steps of 0.01 on sinusoid regression did not, with
+    or without backtracking (``docs/results.md``, "Defaults of the implicit solvers").
 
     Parameters
     ----------
     {common}
     lam : float, default=1.0
         Proximal regularisation strength lambda.
+    backtracking : bool, default=True
+        Halve an inner step until the proximal objective decreases (Armijo's condition, step
+        ``inner_lr`` tried first), in meta-training and in ``adapt``; False: fixed steps of
+        ``inner_lr``.
     cg_steps : int, default=5
         Maximum conjugate-gradient iterations.
     cg_tol : float, default=1e-10
@@ -320,8 +349,7 @@ class IMAML(_ProximalInnerProblem):
     Rajeswaran, Finn, Kakade, Levine. Meta-learning with implicit gradients. NeurIPS 2019.
     """
 
-    __init__ = estimator_init(**COMMON_PARAMS, lam=1.0, cg_steps=5, cg_tol=1e-10, damping=0.0,
-                              backtracking=True)
+    __init__ = estimator_init(**_PROXIMAL_PARAMS, cg_steps=5, cg_tol=1e-10)
     _extra_checks = {**_ProximalInnerProblem._extra_checks, "cg_steps": _count, "cg_tol": _non_negative}
 
     def _make_rule(self):
@@ -339,21 +367,29 @@ class NeumannMAML(_ProximalInnerProblem):
     report's listing ``sum_{j=0}^{K-1} (-H/lam)^j b`` (its "k=3", three Hessian-vector products, is
     ``neumann_terms=4``), which needs ``|mu| < lam``; a smaller ``eta`` is the damping that makes
     the series converge for any positive-definite ``M`` with ``eta < 2 / (1 + lambda_max(H)/lam)``.
-    Uses ``K`` Hessian-vector products (``K - 1`` for the series, one for the residual reported in
-    ``history_["solve_residual"]``). Where the condition fails the partial sums stop improving: the
-    series is then cut at the partial sum with the smallest residual (``history_["solve_diverged"]``
-    counts the tasks, and ``meta_fit`` ends with a ``SolverWarning``), so a divergent series never
-    produces an overflowing meta-gradient.
+    ``neumann_lr="auto"`` (the default) sets ``eta = 1 / rho`` per task, with ``rho`` a
+    four-step power-iteration estimate of ``lambda_max(M)`` from ``b``
+    (:func:`fewshot.linalg.spectral_radius`): the series then converges for any positive-definite
+    ``M`` when ``rho > lambda_max(M) / 2``, whatever the scale of the curvature, which meta-training
+    changes by orders of magnitude. Uses ``K`` Hessian-vector products (``K - 1`` for the series, one
+    for the residual reported in ``history_["solve_residual"]``), 4 more with ``"auto"``. Where the
+    condition fails the partial sums stop improving: the series is then cut at the partial sum with
+    the smallest residual (``history_["solve_diverged"]`` is the fraction of such tasks; ``meta_fit``
+    warns when it was more than half of its solves), so a divergent series never produces an
+    overflowing meta-gradient.
 
     Parameters
     ----------
     {common}
     lam : float, default=1.0
         Proximal regularisation strength lambda of the inner problem.
+    backtracking : bool, default=True
+        As in :class:`IMAML` (where the conditions under which the implicit solvers are stable are
+        stated).
     neumann_terms : int, default=4
         Number of series terms K.
-    neumann_lr : float, default=1.0
-        Damping eta of the series.
+    neumann_lr : float or "auto", default="auto"
+        Damping eta of the series; "auto": ``1 / rho`` per task as above.
     damping : float, default=0.0
         Added to ``lam`` in the linear system only, as :class:`IMAML`'s: the series approximates
         ``(I + H/(lam + damping))^{-1} grad Lq(phi*)`` (``M = I + H/(lam + damping)`` above); the
@@ -376,14 +412,14 @@ class NeumannMAML(_ProximalInnerProblem):
     differentiation. AISTATS 2020.
     """
 
-    __init__ = estimator_init(**COMMON_PARAMS, lam=1.0, neumann_terms=4, neumann_lr=1.0, damping=0.0,
-                              backtracking=True)
+    __init__ = estimator_init(**_PROXIMAL_PARAMS, neumann_terms=4, neumann_lr="auto")
     _extra_checks = {**_ProximalInnerProblem._extra_checks, "neumann_terms": _count,
-                     "neumann_lr": _positive}
+                     "neumann_lr": functools.partial(check_number, low=0, low_open=True, allow=("auto",))}
 
     def _make_rule(self):
+        lr = self.neumann_lr if self.neumann_lr == "auto" else float(self.neumann_lr)
         return self._implicit_rule(linalg.neumann, self.neumann_terms, None,
-                                   {"lr": float(self.neumann_lr), "stop_on_growth": True})
+                                   {"lr": lr, "stop_on_growth": True})
 
 
 @_doc

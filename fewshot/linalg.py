@@ -16,7 +16,8 @@ from torch import Tensor
 
 from ._tree import Vector, tree_axpy, tree_dot, tree_map, tree_norm, tree_zeros_like
 
-__all__ = ["SolveResult", "cg", "cg_normal", "minres", "neumann", "dense", "damped", "SOLVERS"]
+__all__ = ["SolveResult", "cg", "cg_normal", "minres", "neumann", "spectral_radius", "dense", "damped",
+           "SOLVERS"]
 
 
 class SolveResult(NamedTuple):
@@ -169,9 +170,24 @@ def minres(matvec: Callable, b: Vector, *, maxiter: int = 100, tol: float | None
     return SolveResult(x, n_iter, residual)
 
 
+def spectral_radius(matvec: Callable, v: Vector, *, iters: int = 4) -> Tensor:
+    """An estimate of the largest eigenvalue magnitude of symmetric ``M``: ``||M u_j||`` after
+    ``iters`` power iterations ``u_{j+1} = M u_j / ||M u_j||`` from ``u_0 = v / ||v||`` (``iters``
+    matrix-vector products). A lower bound, which rises to ``max |mu|`` as ``iters`` grows when
+    ``v`` is not orthogonal to the top eigenvector."""
+    norm = tree_norm(v)
+    u = tree_map(lambda t: t / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), v)
+    rho = norm * 0
+    for _ in range(iters):
+        w = matvec(u)
+        rho = tree_norm(w)
+        u = tree_map(lambda t: t / torch.clamp(rho, min=torch.finfo(rho.dtype).tiny), w)
+    return rho
+
+
 def neumann(matvec: Callable, b: Vector, *, maxiter: int = 4, tol: float | None = None,
-            init: Vector | None = None, lr: float = 1.0, compute_residual: bool = True,
-            stop_on_growth: bool = False) -> SolveResult:
+            init: Vector | None = None, lr: float | str = 1.0, compute_residual: bool = True,
+            stop_on_growth: bool = False, power_iters: int = 4) -> SolveResult:
     """Truncated Neumann series (Richardson iteration) for ``M x = b``.
 
     Returns ``x_K = lr * sum_{j=0}^{K-1} (I - lr M)^j b`` with ``K = maxiter`` terms, computed with
@@ -182,6 +198,10 @@ def neumann(matvec: Callable, b: Vector, *, maxiter: int = 4, tol: float | None 
     ``0 < lr < 2 / lambda_max(M)`` guarantees it. With ``M = I + H / lam`` and ``lr = 1`` the series is
     ``sum_j (-H / lam)^j b``, which converges when every eigenvalue of ``H`` lies in ``(-lam, lam)``.
 
+    ``lr="auto"`` takes ``lr = 1 / rho`` with ``rho`` the :func:`spectral_radius` estimate of
+    ``M`` from ``b`` (``power_iters`` more products): the series then converges for positive
+    definite ``M`` whenever ``rho`` is above half of ``lambda_max(M)``, whatever its scale.
+
     ``tol`` stops early when the residual falls below ``tol * ||b||`` (needs ``compute_residual``).
     ``stop_on_growth`` stops when adding a term would make the residual grow (the series is
     diverging) and returns the partial sum with the smallest residual, flagged ``diverged``.
@@ -191,6 +211,11 @@ def neumann(matvec: Callable, b: Vector, *, maxiter: int = 4, tol: float | None 
         raise ValueError("neumann() sums a series from zero; init must be None")
     if maxiter < 1:
         raise ValueError(f"neumann() needs maxiter >= 1 terms, got {maxiter}")
+    if isinstance(lr, str):
+        if lr != "auto":
+            raise ValueError(f"neumann() lr must be a positive number or 'auto', got {lr!r}")
+        lr = 1.0 / torch.clamp(spectral_radius(matvec, b, iters=power_iters),
+                               min=torch.finfo(tree_norm(b).dtype).tiny)
     term = tree_map(lambda bi: lr * bi, b)
     x = term
     b_norm = tree_norm(b)

@@ -335,3 +335,20 @@ def test_backtracking_never_raises_the_proximal_objective(p, curvature, lam):
     plain, _, _ = inner_loop(QuadraticLoss(), theta, A, a, lr=lr, steps=7, lam=lam)
     if objective(plain) > values[0]:  # the top eigenvalue is large enough for plain descent to diverge
         assert values[-1] < values[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems(), st.floats(0.01, 1e4), st.integers(1, 6))
+def test_neumann_auto_step_converges_for_any_curvature_scale(p, scale, terms):
+    # M = I + scale * A: the series with eta = 1 / (power-iteration estimate of lambda_max) never
+    # diverges and its residual falls with every term, however large the scale.
+    M = p["I"] + scale * p["A"]
+    b = p["b"]
+    residuals = [float(linalg.neumann(lambda v: M @ v, b, maxiter=k, lr="auto").residual)
+                 for k in range(1, terms + 2)]
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in zip(residuals, residuals[1:]))
+    rho = linalg.spectral_radius(lambda v: M @ v, b)
+    assert float(rho) <= float(torch.linalg.eigvalsh(M).max()) * (1 + 1e-9)  # a lower bound
+    many = linalg.neumann(lambda v: M @ v, b, maxiter=400, lr="auto")
+    if float(torch.linalg.cond(M)) < 20:
+        torch.testing.assert_close(many.x, torch.linalg.solve(M, b), rtol=1e-6, atol=1e-8)
