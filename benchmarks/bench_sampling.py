@@ -7,7 +7,7 @@ meta-step on the same sampler.
 
 Usage::
 
-    FEWSHOT_DATA=/work/shared/data FEWSHOT_CACHE=/tmp/fewshot_cache python benchmarks/bench_sampling.py
+    FEWSHOT_DATA=/path/to/data FEWSHOT_CACHE=/path/to/cache python benchmarks/bench_sampling.py
 """
 
 from __future__ import annotations

@@ -470,23 +470,25 @@ class MetaLearner(BaseEstimator):
         finite, and are recorded per meta-step in ``history_`` (``negative_curvature``,
         ``solve_diverged``: the fraction of the meta-batch's tasks)."""
         h = self.history_
-        for key, message in (
+        unsolved = "solve the inner problem more accurately (more inner_steps, a larger inner_lr)"
+        for key, message, remedy in (
             ("negative_curvature",
              "conjugate gradient met non-positive curvature of I + H/(lam + damping) (the Hessian of "
              "the support loss at the adapted parameters has eigenvalues below -(lam + damping), so "
-             "the inner problem is not near a minimum) and returned its smallest-residual iterate"),
+             "the inner problem is not near a minimum) and returned its smallest-residual iterate",
+             f"{unsolved}, or raise lam or damping"),
             ("solve_diverged",
              "the Neumann series diverged (0 < neumann_lr * (1 + mu/(lam + damping)) < 2 fails for "
-             "some Hessian eigenvalue mu) and was cut at its best partial sum"),
+             "some Hessian eigenvalue mu) and was cut at its best partial sum",
+             f"use neumann_lr='auto' or a smaller neumann_lr, raise lam or damping, or {unsolved}"),
         ):
             fractions = h.get(key, [])[first_step:]
             failed = sum(fractions) / len(fractions) if fractions else 0.0
             if failed > self._SOLVE_FAILURE_WARN:
                 warnings.warn(
                     f"{type(self).__name__}: in {100 * failed:.0f}% of this fit's solves {message}; "
-                    "its meta-gradients are then mostly not the implicit gradient. Solve the inner "
-                    "problem more accurately (more inner_steps, a larger inner_lr), or raise lam or "
-                    "damping (see the class docstring).", SolverWarning, stacklevel=3)
+                    f"its meta-gradients are then mostly not the implicit gradient: {remedy} (see the "
+                    "class docstring).", SolverWarning, stacklevel=3)
 
     def _make_optimizer(self, params: Params):
         cls = _OPTIMIZERS[self.meta_optimizer] if isinstance(self.meta_optimizer, str) else self.meta_optimizer

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import grad
 
 from ._base import COMMON_PARAMS, MetaLearner, estimator_init
+from ._functional import proximal_descent
 from ._solvers import _COMMON_DOC, _ATTRIBUTES_DOC
 from ._tree import Params
 from ._validation import check_number
@@ -19,6 +20,18 @@ __all__ = ["FineTune"]
 
 _PARAMS = {k: v for k, v in COMMON_PARAMS.items() if k != "meta_batch_size"}
 _PARAMS.update(inner_lr=0.1, inner_steps=100, batch_size=64, head="auto")
+
+
+class _HeadLoss:
+    """The loss of a linear head on fixed features, ``loss(feats @ W^T + b, y)``, in the task-loss
+    protocol of :func:`~fewshot._functional.proximal_descent`."""
+
+    def __init__(self, loss):
+        self.loss = loss
+
+    def with_aux(self, head: Params, feats: torch.Tensor, y: torch.Tensor):
+        value = self.loss(feats @ head["weight"].T + head["bias"], y)
+        return value, (value.detach(), value.detach())
 
 
 def _check_head(value):
@@ -34,8 +47,11 @@ class FineTune(MetaLearner):
     (``sampler.sample_pretraining``): ``meta_steps`` steps of the meta-optimizer at ``meta_lr`` on
     batches of ``batch_size`` examples. For a new task, ``adapt`` freezes the body, replaces the head
     (the last linear layer) by a fresh zero-initialised one with ``n_way`` outputs and fits only it
-    by ``inner_steps`` gradient steps of size ``inner_lr`` on the support loss (a convex problem on
-    fixed features). No meta-learning is involved.
+    by ``inner_steps`` gradient steps on the support loss (a convex problem on fixed features), each
+    of size ``inner_lr`` halved until the loss decreases (Armijo backtracking, as
+    :func:`~fewshot._functional.proximal_descent` with ``lam=0``), so the fit cannot diverge when
+    ``inner_lr`` exceeds ``2 / lambda_max`` of the features' second-moment matrix. No meta-learning
+    is involved.
 
     Parameters
     ----------
@@ -114,15 +130,8 @@ class FineTune(MetaLearner):
         feats = self._features(self.params_, support.x)
         n_out = self.n_outputs_
         head = {"weight": feats.new_zeros((n_out, feats.shape[1])), "bias": feats.new_zeros((n_out,))}
-        loss_fn = self._loss_parts[0]
-
-        def head_loss(h):
-            return loss_fn(feats @ h["weight"].T + h["bias"], support.y)
-
-        step = grad(head_loss)
-        for _ in range(self._adapt_steps()):
-            g = step(head)
-            head = {k: head[k] - self.inner_lr_ * g[k] for k in head}
+        head, _, _ = proximal_descent(_HeadLoss(self._loss_parts[0]), head, feats, support.y,
+                                      lr=self.inner_lr_, steps=self._adapt_steps(), lam=0.0)
         params = dict(self.params_)
         params[f"{self.head_}.weight"], params[f"{self.head_}.bias"] = head["weight"], head["bias"]
         return params

@@ -328,8 +328,9 @@ def proximal_descent(task_loss: TaskLoss, theta: Params, x: Tensor, y: Tensor, *
     curvature: plain gradient descent with a fixed step diverges once the curvature of ``G`` exceeds
     ``2 / lr``, which the implicit meta-gradient, blind to the inner loop, does not prevent. Where
     ``lr`` is small enough for the curvature, no step is halved and the iterates are those of
-    :func:`inner_loop` with ``lam``. No graph is kept. Returns ``(phi, (loss_0, metric_0), [])``
-    like :func:`inner_loop`.
+    :func:`inner_loop` with ``lam``; ``lam=0`` is backtracking gradient descent on ``L`` alone.
+    ``task_loss`` needs only ``with_aux``. No graph is kept. Returns
+    ``(phi, (loss_0, metric_0), [])`` like :func:`inner_loop`.
     """
     theta = {k: v.detach() for k, v in theta.items()}
 

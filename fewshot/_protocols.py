@@ -88,7 +88,7 @@ PROTOCOLS = {
             # loop, i.e. lam=1/alpha=100, which with alpha*lam=1 would undo the inner loop's
             # proximal steps; we keep the implicit-MAML reading.
             "NeumannMAML": {"lam": 1.0, "neumann_terms": 4, "neumann_lr": 1.0, "backtracking": False},
-            # Not stated: penalty weight lambda=0.1 (the estimator's default).
+            # Not stated: penalty weight lambda=0.1.
             "PenaltyMAML": {"penalty": 0.1},
             # "Fine-tuning (head only)", no settings stated: the estimator's defaults (2000
             # pre-training steps of 64 examples, head fit by 100 steps of size 0.1).
@@ -125,7 +125,7 @@ PROTOCOLS = {
             "IMAML": {"lam": 0.5, "cg_steps": 5, "inner_steps": 10},
             # Damped series (eta=0.5) so that it converges for curvature up to 3*lam.
             "NeumannMAML": {"lam": 1.0, "neumann_terms": 4, "neumann_lr": 0.5},
-            # A weaker penalty than the report's unstated one, so the query loss dominates.
+            # A weaker penalty than the report protocol's, so the query loss dominates.
             "PenaltyMAML": {"penalty": 0.01},
             "FineTune": {"batch_size": 64, "inner_steps": 100, "inner_lr": 0.1},
         },

@@ -12,7 +12,8 @@ import torch
 from torch.testing import assert_close
 
 import fewshot
-from fewshot._distributed import shard_seed, simulated_world
+from fewshot._distributed import shard_seed
+from fewshot.distributed import simulated_world
 from fewshot.tasks import GaussianClusterTasks, SinusoidTasks
 
 PARAMS = dict(meta_batch_size=4, inner_steps=2, meta_steps=4, dtype="float64", random_state=0)

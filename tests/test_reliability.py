@@ -324,3 +324,19 @@ def test_backtracking_keeps_the_implicit_solvers_inner_loop_from_diverging():
                                      lr=0.5, steps=5, lam=est.lam)
         expected = est.fmodel_(phi, task.query.x)
         torch.testing.assert_close(est.adapt(task.support).predict(task.query.x), expected)
+
+
+def test_finetune_head_fit_backtracks_instead_of_diverging():
+    # The default head step (0.1) is too large for the sinusoid network's features: fixed steps gave
+    # NaN predictions; with backtracking the head loss on the support set never rises.
+    sampler = SinusoidTasks()
+    est = fewshot.FineTune(meta_steps=20, random_state=0, verbose=0).meta_fit(sampler)
+    task = sampler.sample(random_state=1)
+    for steps in (0, 1, 10, 100):
+        est.set_params(adapt_steps=steps)
+        mse = -est.adapt(task.support).score(task.support.x, task.support.y)
+        assert math.isfinite(mse)
+        if steps:
+            assert mse <= previous + 1e-6
+        previous = mse
+    assert math.isfinite(est.evaluate(sampler, n_tasks=20).mean)
