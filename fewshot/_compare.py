@@ -268,16 +268,19 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
             if max_chunks is not None and chunks >= max_chunks:
                 return None
             # a decaying meta learning rate spans the whole run, not one chunk
-            # this loop shows the run's progress: the estimator's own bar stays off
-            est.set_params(meta_steps=min(chunk_size, total - done), warm_start=True, verbose=0,
+            est.set_params(meta_steps=min(chunk_size, total - done), warm_start=True,
                            **({"meta_lr_horizon": total} if _schedule_of(est) != "constant"
                               and spec["params"].get("meta_lr_horizon") is None else {}))
+            verbose = est.verbose
+            est.set_params(verbose=0)  # this loop shows the run's progress, not the estimator
             try:
                 with warnings.catch_warnings():  # summarised once per session below, not per chunk
                     warnings.simplefilter("ignore", SolverWarning)
                     est.meta_fit(train)
             except DivergenceError as err:
                 status = f"diverged at meta-step {err.step}"
+            finally:
+                est.set_params(verbose=verbose)
             _update_memory(state, baseline)
             if est.n_iter_ >= total or status != "running":
                 est.set_params(meta_steps=total, warm_start=False)

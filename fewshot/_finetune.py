@@ -63,6 +63,10 @@ class FineTune(MetaLearner):
 
     Notes
     -----
+    Pre-training learns only what the tasks share in expectation: on families whose pooled targets
+    carry no signal, as :class:`~fewshot.tasks.LinearRegressionTasks` with ``w_mean=0``
+    (``E[y | x] = 0``), it cannot help and leaves the head worse features than the random ones.
+
     Here ``inner_lr`` (default 0.1) and ``inner_steps`` (default 100) describe the head fit and
     ``meta_steps``/``meta_lr`` the pre-training. ``history_`` has ``train_loss``, ``train_acc``
     (classification), ``meta_grad_norm`` and ``time`` per pre-training step.

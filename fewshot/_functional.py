@@ -318,7 +318,7 @@ ARMIJO_C = 1e-4
 
 
 def proximal_descent(task_loss: TaskLoss, theta: Params, x: Tensor, y: Tensor, *, lr: float, steps: int,
-                     lam: float, max_halvings: int = 10):
+                     lam: float, max_halvings: int = 30):
     """``steps`` of gradient descent with backtracking on iMAML's proximal inner problem.
 
     Minimises ``G(phi) = L(phi) + lam/2 ||phi - theta||^2`` (``L`` the support loss) from

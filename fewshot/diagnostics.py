@@ -25,8 +25,9 @@ REFERENCES = {
     "unrolled": "exact MAML gradient d Lq(phi_k)/d theta through the same k-step inner loop",
     "implicit": "exact implicit gradient (I + H/lam)^-1 grad Lq(phi_k) of the same proximal inner "
                 "loop, by CG to convergence",
-    "unrolled_proximal": "exact gradient d Lq(phi_k)/d theta through the same k-step proximal inner "
-                         "loop (explicit differentiation of iMAML's inner loop)",
+    "unrolled_proximal": "exact gradient d Lq(phi_k)/d theta through the k-step proximal inner loop "
+                         "with fixed steps (explicit differentiation of iMAML's inner loop; with "
+                         "backtracking the same loop only where no step was halved)",
 }
 
 _UNROLLED_FAMILY = (MAML, FOMAML, Reptile, PenaltyMAML)
@@ -48,10 +49,11 @@ def _references(est: MetaLearner, cg_steps: int, cg_tol: float) -> dict:
     """``{name: rule}`` of the exact gradients ``est`` is compared with."""
     lr, steps = est.inner_lr_, est.inner_steps
     if isinstance(est, _IMPLICIT_FAMILY):
-        lam = float(est.lam)
+        lam, backtracking = float(est.lam), bool(est.backtracking)
         return {
-            "implicit": (("implicit", lr, steps, lam, cg_steps, cg_tol),
-                         Implicit(lr, steps, lam, _exact_solve, cg_steps, cg_tol, {})),
+            "implicit": (("implicit", lr, steps, lam, backtracking, cg_steps, cg_tol),
+                         Implicit(lr, steps, lam, _exact_solve, cg_steps, cg_tol, {},
+                                  backtracking=backtracking)),
             "unrolled_proximal": (("unrolled_proximal", lr, steps, lam),
                                   Unrolled(lr, steps, query_objective, lam=lam)),
         }

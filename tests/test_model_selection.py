@@ -103,16 +103,18 @@ def test_parameter_sampler_and_fixed_task_batch(sinusoid):
 
 
 def test_divergent_candidates_score_error_score(sinusoid):
-    grid = {"inner_lr": [0.01, 1e6]}  # the second overflows during the inner loop
+    grid = {"inner_lr": [0.01, 1e6]}  # the second overflows during the fixed-step inner loop
     with pytest.warns(FitFailedWarning, match="diverged"):
-        search = MetaGridSearch(imaml(meta_steps=2), grid, n_tasks=4, random_state=0)
+        search = MetaGridSearch(imaml(meta_steps=2, backtracking=False), grid, n_tasks=4, random_state=0)
         search.meta_fit(sinusoid, sinusoid)
     assert np.isnan(search.cv_results_["mean_test_score"][1])
     assert list(search.cv_results_["rank_test_score"]) == [1, 2] and search.best_index_ == 0
     with pytest.warns(FitFailedWarning), pytest.raises(ValueError, match="lower error_score"):
-        MetaGridSearch(imaml(meta_steps=2), grid, n_tasks=4, error_score=1.0).meta_fit(sinusoid, sinusoid)
+        MetaGridSearch(imaml(meta_steps=2, backtracking=False), grid, n_tasks=4,
+                       error_score=1.0).meta_fit(sinusoid, sinusoid)
     with pytest.raises(fewshot.exceptions.DivergenceError):
-        MetaGridSearch(imaml(meta_steps=2), grid, n_tasks=4, error_score="raise").meta_fit(sinusoid, sinusoid)
+        MetaGridSearch(imaml(meta_steps=2, backtracking=False), grid, n_tasks=4,
+                       error_score="raise").meta_fit(sinusoid, sinusoid)
 
 
 def test_invalid_arguments(sinusoid):

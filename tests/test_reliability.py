@@ -90,10 +90,12 @@ def test_cg_negative_curvature_is_handled_and_warned():
 
 
 @pytest.mark.parametrize("key, fractions, warns", [
-    ("negative_curvature", [0.0, 0.25, 1.0, 0.5], False),   # 44% of the solves: recorded, not warned
-    ("negative_curvature", [0.5, 0.75, 1.0, 0.0], True),    # 56%
-    ("solve_diverged", [1.0, 1.0, 0.0, 0.0], False),        # exactly half
-    ("solve_diverged", [1.0, 1.0, 0.0, 0.25], True),
+    # the second half of the fit decides: early failures at a random initialisation pass
+    ("negative_curvature", [1.0, 1.0, 1.0, 0.0, 0.25, 0.5], False),  # 25% of the second half's solves
+    ("negative_curvature", [0.0, 0.0, 0.0, 0.75, 1.0, 0.0], True),   # 58%
+    ("solve_diverged", [1.0, 1.0, 0.0, 0.0], False),                # none
+    ("solve_diverged", [0.0, 0.0, 1.0, 0.0], False),                # exactly half
+    ("solve_diverged", [0.0, 0.0, 1.0, 0.25], True),
 ])
 def test_solver_warning_fires_only_when_most_solves_failed(key, fractions, warns):
     est = fewshot.IMAML()

@@ -24,6 +24,11 @@ FAMILIES = {
 README = [("IMAML", "sinusoid", dict(lam=1.0, inner_steps=10))]
 
 CASES = [(name, family, {}) for name in fewshot.SOLVERS for family in FAMILIES] + README
+#: Pre-training on LinearRegressionTasks' pooled examples has nothing to learn: the task weights
+#: have mean w_mean=0, so E[y | x] = 0 and the body only loses the random features' information.
+NOTHING_TO_PRETRAIN = {("FineTune", "linear")}
+CASES = [pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason="E[y | x] = 0 when pooled"))
+         if case[:2] in NOTHING_TO_PRETRAIN else case for case in CASES]
 
 
 def _score(estimator, sampler):
@@ -32,7 +37,8 @@ def _score(estimator, sampler):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, family, params", CASES,
-                         ids=[f"{n}-{f}{'-readme' if p else ''}" for n, f, p in CASES])
+                         ids=[f"{n}-{f}{'-readme' if p else ''}" for n, f, p in
+                              (c.values if hasattr(c, "values") else c for c in CASES)])
 def test_defaults_train_full_budget(name, family, params):
     sampler = FAMILIES[family]()
     cls = fewshot.SOLVERS[name]
