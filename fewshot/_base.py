@@ -489,7 +489,8 @@ class MetaLearner(BaseEstimator):
             failed = sum(fractions) / len(fractions) if fractions else 0.0
             if failed > self._SOLVE_FAILURE_WARN:
                 warnings.warn(
-                    f"{type(self).__name__}: in {100 * failed:.0f}% of this fit's solves {message}; "
+                    f"{type(self).__name__}: in {100 * failed:.0f}% of the solves of this fit's second half "
+                    f"{message}; "
                     f"its meta-gradients are then mostly not the implicit gradient: {remedy} (see the "
                     "class docstring).", SolverWarning, stacklevel=3)
 
