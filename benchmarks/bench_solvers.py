@@ -614,12 +614,12 @@ BOUNDS = [
 # The measurements behind choices the code's docstrings state without numbers; measured by hand when
 # each choice was made (A/B timings in one process, not this benchmark), with the commit that made it.
 CHOICES = [
-    ("- Reference networks evaluated directly (`fewshot/_functional.py`, `_direct_plan`): `Conv4` and "
+    ("- Reference networks evaluated directly (`fewshot/core/functional.py`, `_direct_plan`): `Conv4` and "
      "`MLP` run layer by layer through `torch.nn.functional` on the parameter dict instead of through "
      "`functional_call`, which swaps every parameter into the module and back on each call. On the "
      "sinusoid MLP that swapping took about a quarter of a meta-step: the direct path runs about 1.33x "
      "the meta-steps per second (2026-11-22, commit 1c61f29)."),
-    ("- Plain `torch.autograd` for gradients (`fewshot/_functional.py`, `value_and_grad`) instead of nested "
+    ("- Plain `torch.autograd` for gradients (`fewshot/core/functional.py`, `value_and_grad`) instead of nested "
      "`torch.func.grad`: explicit MAML on one Omniglot task (5 inner steps, 75 query images) peaked at "
      "+170 MB instead of +315 MB of resident memory, first-order steps at +110 MB instead of +200 MB, at "
      "the same speed (2026-11-22, commit 25d400e)."),

@@ -8,15 +8,16 @@
 torch.Size([10, 1])
 """
 
-from . import exceptions, linalg, models, tasks
-from ._base import AdaptedModel, Evaluation, MetaLearner
-from ._finetune import FineTune
-from ._solvers import FOMAML, IMAML, MAML, NeumannMAML, PenaltyMAML, Reptile
+from . import core, exceptions, models, tasks
+from .core import linalg
+from .estimators import (ANIL, FOMAML, IMAML, MAML, AdaptedModel, Evaluation, FineTune, MAMLPlusPlus, MetaLearner,
+                         MetaSGD, NeumannMAML, PenaltyMAML, Reptile)
 
 __version__ = "0.1.0"
 
 #: Every estimator, by name.
-SOLVERS = {cls.__name__: cls for cls in (MAML, FOMAML, Reptile, IMAML, NeumannMAML, PenaltyMAML, FineTune)}
+SOLVERS = {cls.__name__: cls for cls in (MAML, FOMAML, Reptile, IMAML, NeumannMAML, PenaltyMAML, FineTune, ANIL,
+                                         MetaSGD, MAMLPlusPlus)}
 
 __all__ = [
     "MAML",
@@ -26,10 +27,14 @@ __all__ = [
     "NeumannMAML",
     "PenaltyMAML",
     "FineTune",
+    "ANIL",
+    "MetaSGD",
+    "MAMLPlusPlus",
     "MetaLearner",
     "AdaptedModel",
     "Evaluation",
     "SOLVERS",
+    "core",
     "exceptions",
     "linalg",
     "models",

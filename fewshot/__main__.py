@@ -48,7 +48,8 @@ def _positive_int(text: str) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from . import SOLVERS, _protocols
+    from . import SOLVERS
+    from .compare import _protocols
 
     parser = argparse.ArgumentParser(prog="fewshot", description="fewshot command-line tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -112,7 +113,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args) -> int:
-    from . import _compare as runner
+    from .compare import _run as runner
 
     if args.worker is not None:
         return runner._worker(args.worker, chunk_size=args.chunk_size, quiet=args.quiet,
@@ -144,7 +145,7 @@ def _compare(args) -> int:
 
 def main(argv=None) -> int:
     """Entry point of the ``fewshot`` console script; returns the exit status."""
-    from ._compare import UsageError
+    from .compare._run import UsageError
 
     parser = _build_parser()
     args = parser.parse_args(argv)

@@ -10,19 +10,20 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from . import linalg
-from ._base import MetaLearner
-from ._finetune import FineTune
-from ._metagrad import Implicit, Unrolled, query_objective
-from ._solvers import FOMAML, IMAML, MAML, NeumannMAML, PenaltyMAML, Reptile
-from ._tree import Params, tree_dot, tree_norm
+import dataclasses
+
+from .core import linalg
+from .core.rules import Implicit, ReptileRule, Unrolled
+from .core.tree import Params, tree_dot, tree_norm
+from .estimators._base import MetaLearner
 from .tasks import as_task_batch
 
 __all__ = ["meta_gradient_fidelity", "REFERENCES"]
 
 #: What each reference gradient is.
 REFERENCES = {
-    "unrolled": "exact MAML gradient d Lq(phi_k)/d theta through the same k-step inner loop",
+    "unrolled": "exact gradient d Lq(phi_k)/d theta through the estimator's own k-step inner loop "
+                "(second order, every meta-parameter: for MAML the MAML gradient)",
     "implicit": "exact implicit gradient (I + H/lam)^-1 grad Lq(phi_k) of the same proximal inner "
                 "loop, by CG to convergence",
     "unrolled_proximal": "exact gradient d Lq(phi_k)/d theta through the k-step proximal inner loop "
@@ -30,34 +31,34 @@ REFERENCES = {
                          "backtracking the same loop only where no step was halved)",
 }
 
-_UNROLLED_FAMILY = (MAML, FOMAML, Reptile, PenaltyMAML)
-_IMPLICIT_FAMILY = (IMAML, NeumannMAML)
 
-
-def _exact_solve(matvec, b, *, maxiter, tol):
+def _exact_solve(maxiter, tol):
     """The reference solve of ``(I + H/lam) x = b``: conjugate gradient from zero, and where it meets a
     direction of non-positive curvature (the system is indefinite, which plain CG cannot solve),
     MINRES instead, whose convergence depends on the condition number of ``I + H/lam`` rather than
     on its square as conjugate gradient on the normal equations does."""
-    result = linalg.cg(matvec, b, maxiter=maxiter, tol=tol)
-    if result.negative_curvature:
-        result = linalg.minres(matvec, b, maxiter=maxiter, tol=tol)
-    return result
+
+    def solve(matvec, b):
+        result = linalg.cg(matvec, b, maxiter=maxiter, tol=tol)
+        if result.negative_curvature:
+            result = linalg.minres(matvec, b, maxiter=maxiter, tol=tol)
+        return result
+
+    return solve
 
 
-def _references(est: MetaLearner, cg_steps: int, cg_tol: float) -> dict:
-    """``{name: rule}`` of the exact gradients ``est`` is compared with."""
-    lr, steps = est.inner_lr_, est.inner_steps
-    if isinstance(est, _IMPLICIT_FAMILY):
-        lam, backtracking = float(est.lam), bool(est.backtracking)
+def _references(est: MetaLearner, rule, cg_steps: int, cg_tol: float) -> dict:
+    """``{name: (cache key, rule)}`` of the exact gradients ``est`` is compared with, all on the
+    estimator's own inner problem ``inner_``."""
+    inner = est.inner_
+    if isinstance(rule, Implicit):
+        fixed = dataclasses.replace(inner, backtracking=False)
         return {
-            "implicit": (("implicit", lr, steps, lam, backtracking, cg_steps, cg_tol),
-                         Implicit(lr, steps, lam, _exact_solve, cg_steps, cg_tol, {},
-                                  backtracking=backtracking)),
-            "unrolled_proximal": (("unrolled_proximal", lr, steps, lam),
-                                  Unrolled(lr, steps, query_objective, lam=lam)),
+            "implicit": (("implicit", inner, cg_steps, cg_tol),
+                         Implicit(inner, _exact_solve(cg_steps, cg_tol))),
+            "unrolled_proximal": (("unrolled_proximal", fixed), Unrolled(fixed)),
         }
-    return {"unrolled": (("unrolled", lr, steps), Unrolled(lr, steps, query_objective))}
+    return {"unrolled": (("unrolled", inner), Unrolled(inner))}
 
 
 def _summary(values: list[float]) -> tuple[float, float]:
@@ -74,15 +75,16 @@ def meta_gradient_fidelity(estimators, tasks, *, params: Params | None = None, e
     gradient of the meta-objective it approximates, computed with the estimator's own model, loss,
     inner step size and inner steps:
 
-    * :class:`~fewshot.MAML`, :class:`~fewshot.FOMAML`, :class:`~fewshot.Reptile` and
-      :class:`~fewshot.PenaltyMAML`: reference ``"unrolled"``, the explicit MAML gradient of the
-      query loss through the same plain inner loop (for PenaltyMAML the difference is the penalty's
-      contribution);
+    * the estimators whose rule differentiates or approximates the inner loop (MAML, FOMAML,
+      Reptile, PenaltyMAML, ANIL, MetaSGD, MAMLPlusPlus): reference ``"unrolled"``, the exact
+      second-order gradient of the query loss through the estimator's own inner problem (its
+      adapted parameters and learned steps; the gradient covers every meta-parameter, learned
+      steps included; for PenaltyMAML the difference is the penalty's contribution);
     * :class:`~fewshot.IMAML` and :class:`~fewshot.NeumannMAML`: reference ``"implicit"``, the
       implicit gradient of the same proximal inner loop with the linear system solved by conjugate
       gradient (``exact_cg_steps`` iterations from zero, tolerance ``exact_cg_tol``), or, where
       ``I + H/lam`` turns out indefinite (CG meets non-positive curvature, and so does IMAML's own
-      solver), MINRES (:func:`fewshot.linalg.minres`; its residual is reported), and
+      solver), MINRES (:func:`fewshot.core.linalg.minres`; its residual is reported), and
       reference ``"unrolled_proximal"``, explicit MAML through that proximal inner loop (the two
       agree when the inner problem is solved exactly).
 
@@ -139,13 +141,14 @@ def meta_gradient_fidelity(estimators, tasks, *, params: Params | None = None, e
                         f"got {type(estimators).__name__}")
     if not named:
         raise ValueError("estimators is empty: pass at least one fitted estimator")
+    rules = {}
     for name, est in named:
-        if isinstance(est, FineTune):
-            raise TypeError(f"{name}: FineTune has no meta-gradient to compare; leave it out")
-        if not isinstance(est, _UNROLLED_FAMILY + _IMPLICIT_FAMILY):
-            raise TypeError(f"{name}: expected one of MAML, FOMAML, Reptile, IMAML, NeumannMAML, "
-                            f"PenaltyMAML, got {type(est).__name__}")
+        if not isinstance(est, MetaLearner):
+            raise TypeError(f"{name}: expected a fewshot estimator, got {type(est).__name__}")
         est._check_fitted()
+        rules[name] = est._rule()
+        if rules[name] is None:
+            raise TypeError(f"{name}: {type(est).__name__} has no meta-gradient to compare; leave it out")
     batch = as_task_batch(tasks)
     theta = named[0][1].params_ if params is None else params
     for name, est in named:
@@ -160,13 +163,12 @@ def meta_gradient_fidelity(estimators, tasks, *, params: Params | None = None, e
         device, dtype = est._device_dtype()
         point = {k: theta[k].detach().to(device, dtype) for k in est.params_}
         grads = est.meta_gradient(batch, params=point)
-        task_loss = est._task_loss
         moved = batch.to(device, dtype)
-        for ref_name, (key, rule) in _references(est, exact_cg_steps, exact_cg_tol).items():
+        for ref_name, (key, rule) in _references(est, rules[name], exact_cg_steps, exact_cg_tol).items():
             key = (*key, str(device), dtype, est.loss_ if isinstance(est.loss_, str) else id(est.loss_),
                    id(type(est.fmodel_.module)))
             if key not in cache:
-                cache[key] = [rule(task_loss, point, task) for task in moved]
+                cache[key] = est._per_task(rule, point, moved)
             exact = [{k: v.detach() for k, v in ge.items()} for ge, _ in cache[key]]
             # how well the reference itself is solved: max over tasks of ||b - M x|| / ||b||
             residuals = [float(st["solve_residual"]) for _, st in cache[key] if "solve_residual" in st]
@@ -178,7 +180,7 @@ def meta_gradient_fidelity(estimators, tasks, *, params: Params | None = None, e
                 cos.append(float(tree_dot(g, ge)) / (gn * en) if gn > 0 and en > 0 else float("nan"))
                 rel.append(diff / en if en > 0 else float("nan"))
                 ratio.append(gn / en if en > 0 else float("nan"))
-            if isinstance(est, Reptile):
+            if isinstance(rules[name], ReptileRule):
                 rel = [float("nan")] * len(rel)
             cos_mean, cos_std = _summary(cos)
             rel_mean, rel_std = _summary(rel)

@@ -8,6 +8,6 @@
 ...     reference = fewshot.MAML(meta_batch_size=32, random_state=0).meta_fit(sampler)
 """
 
-from ._distributed import simulated_world
+from .estimators._distributed import simulated_world
 
 __all__ = ["simulated_world"]

@@ -31,7 +31,7 @@ from sklearn.exceptions import FitFailedWarning
 from sklearn.model_selection import ParameterGrid
 from sklearn.utils import check_random_state
 
-from ._base import AdaptedModel, Evaluation, MetaLearner
+from .estimators._base import AdaptedModel, Evaluation, MetaLearner
 from .exceptions import DivergenceError, NotFittedError
 from .tasks import GaussianClusterTasks, Task, TaskBatch, TaskSampler, as_task_batch
 

@@ -4,6 +4,36 @@ import os
 import signal
 import time
 
+import numpy as np
+import torch
+
+
+class QuadraticLoss:
+    """A stand-in for TaskLoss: ``x`` is the matrix, ``y`` the centre; params {"phi": vector}."""
+
+    metric = None
+
+    def __call__(self, params, x, y):
+        d = params["phi"] - y
+        return 0.5 * d @ x @ d
+
+    def with_aux(self, params, x, y):
+        value = self(params, x, y)
+        return value, (value.detach(), value.detach())
+
+    def evaluate(self, params, x, y):
+        with torch.no_grad():
+            return self.with_aux(params, x, y)[1]
+
+
+def spd(rng, n, cond):
+    """A random symmetric positive definite ``n x n`` matrix, condition number up to ``cond``,
+    largest eigenvalue 1 (so step sizes below 1 are stable)."""
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eig = np.exp(rng.uniform(0, np.log(cond), n))
+    eig = eig / eig.max()
+    return torch.tensor(q @ np.diag(eig) @ q.T)
+
 
 def sigkill_once_written(proc, path, timeout=120):
     """Wait until ``path`` exists, then SIGKILL the subprocess ``proc`` (a crash mid-run)."""

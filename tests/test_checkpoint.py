@@ -42,10 +42,14 @@ def assert_same_run(a, b):
 @pytest.mark.parametrize("cls", list(fewshot.SOLVERS.values()))
 def test_resume_equals_uninterrupted_run(cls, sampler, tmp_path):
     path = tmp_path / "run.pt"
-    straight = make(cls).meta_fit(sampler)
-    first = make(cls, meta_steps=3).meta_fit(sampler, checkpoint=path)
+    # The meta_lr schedule's horizon spans the whole run and the extra step below (a no-op for
+    # constant schedules; a default schedule, as MAMLPlusPlus's cosine, would otherwise end at the
+    # interrupted run's 3 steps).
+    horizon = dict(meta_lr_horizon=FAST["meta_steps"] + 1)
+    straight = make(cls, **horizon).meta_fit(sampler)
+    first = make(cls, meta_steps=3, **horizon).meta_fit(sampler, checkpoint=path)
     assert first.n_iter_ == 3 and path.is_file()
-    resumed = make(cls).meta_fit(sampler, checkpoint=path)  # meta_steps=5 is the total
+    resumed = make(cls, **horizon).meta_fit(sampler, checkpoint=path)  # meta_steps=5 is the total
     assert_same_run(resumed, straight)
     assert os.listdir(tmp_path) == ["run.pt"]  # no temporary file left behind
     # The optimizer state came back too: one more step from either gives the same parameters.

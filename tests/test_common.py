@@ -73,7 +73,9 @@ def test_unfitted_use_raises(cls, sampler):
 def test_fit_returns_self_and_sets_fitted_state(cls, sampler, fitted):
     est = fitted[cls]
     assert est.n_iter_ == 3
-    assert set(est.params_) == {k for k, _ in est.fmodel_.module.named_parameters()}
+    weights = dict(est.fmodel_.module.named_parameters())
+    # the network's parameters, and the inner problem's own meta-parameters (learned steps) if any
+    assert set(est.params_) == set(weights) | set(est.inner_.meta_parameters(weights))
     for values in est.history_.values():
         assert len(values) == 3 and all(np.isfinite(values))
     if cls is not fewshot.FineTune:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fewshot
-from fewshot import _compare, _protocols
+from fewshot.compare import _run as _compare, _protocols
 from fewshot.exceptions import SolverWarning
 from fewshot.__main__ import main
 from fewshot.compare import UsageError, format_table, load_results, run_comparison
@@ -132,9 +132,13 @@ def solver_dir(tmp_path, name, **overrides):
 
 
 def load_estimator(path):
-    import joblib
-
-    return joblib.load(path / "checkpoint.joblib")["estimator"]
+    """The fitted estimator of a solver folder, rebuilt from config.json and its meta_fit checkpoint
+    (meta_steps = the checkpoint's step count, so no step runs and no file changes)."""
+    spec = json.loads((path / "config.json").read_text())
+    checkpoint = path / "checkpoint.pt"
+    n_iter = torch.load(checkpoint, weights_only=True)["n_iter"]
+    est = _compare._run_estimator(spec).set_params(meta_steps=n_iter)
+    return est.meta_fit(_compare.make_samplers(spec)[0], checkpoint=checkpoint)
 
 
 def assert_same_training(a, b):
@@ -149,9 +153,14 @@ def test_interrupted_solver_resumes_bit_identically(tmp_path):
     interrupted, config = solver_dir(tmp_path / "a", "IMAML", meta_steps=7)
     assert _compare.run_solver(interrupted, chunk_size=3, max_chunks=1, quiet=True) is None
     assert load_estimator(interrupted).n_iter_ == 3 and not (interrupted / "result.json").exists()
-    assert sorted(p.name for p in interrupted.iterdir()) == ["checkpoint.joblib", "config.json"]
+    assert sorted(p.name for p in interrupted.iterdir()) == ["checkpoint.pt", "config.json", "state.json"]
+    state = json.loads((interrupted / "state.json").read_text())
+    assert state["sessions"] == 1 and state["status"] == "running" and state["peak_rss_mb"] > 10
     resumed = _compare.run_solver(interrupted, chunk_size=3, quiet=True)
     assert resumed["sessions"] == 2 and resumed["meta_steps"] == 7
+    state = json.loads((interrupted / "state.json").read_text())
+    assert state["sessions"] == 2 and state["status"] == "ok"
+    assert torch.load(interrupted / "checkpoint.pt", weights_only=True)["n_iter"] == 7
 
     straight_dir, _ = solver_dir(tmp_path / "b", "IMAML", meta_steps=7)
     straight = _compare.run_solver(straight_dir, chunk_size=100, quiet=True)
@@ -184,7 +193,7 @@ def test_killed_comparison_resumes_where_it_stopped(tmp_path):
             "--quiet", "--in-process", "--out", "out"]
     proc = subprocess.Popen([sys.executable, "-m", "fewshot", "compare", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    checkpoint = tmp_path / "out" / "FOMAML" / "checkpoint.joblib"
+    checkpoint = tmp_path / "out" / "FOMAML" / "checkpoint.pt"
     sigkill_once_written(proc, checkpoint)
     done = load_estimator(checkpoint.parent).n_iter_
     assert 0 < done < 80 and done % 4 == 0
@@ -195,6 +204,33 @@ def test_killed_comparison_resumes_where_it_stopped(tmp_path):
                                 dict(meta_steps=80, meta_batch_size=2, inner_steps=1))
     plain = fewshot.FOMAML(**config["solvers"]["FOMAML"]).meta_fit(_compare.make_samplers(config)[0])
     assert_same_training(load_estimator(checkpoint.parent), plain)
+
+
+def test_a_folder_of_the_earlier_checkpoint_format_is_refused(tmp_path, capsys):
+    import joblib
+
+    kw = dict(dataset="sinusoid", meta_steps=2, meta_batch_size=2, inner_steps=1, eval_tasks=3,
+              fidelity_tasks=0, out=tmp_path, quiet=True, isolate=False, threads=1)
+    path, _ = solver_dir(tmp_path, "FOMAML", meta_steps=2)  # the config.json an earlier run wrote
+    old = path / "checkpoint.joblib"
+    joblib.dump({"format": 1, "estimator": fewshot.FOMAML(), "sessions": 1, "status": "running"}, old)
+    before = sorted(p.name for p in path.iterdir())
+    with pytest.raises(UsageError) as exc:
+        run_comparison(["FOMAML"], **kw)
+    message = str(exc.value)
+    assert str(old) in message and "earlier" in message
+    assert f"delete the run directory {path}" in message and "--out" in message
+    with pytest.raises(UsageError, match="checkpoint.joblib"):
+        _compare.run_solver(path, quiet=True)  # the worker refuses it too
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", "--solvers", "FOMAML", "--dataset", "sinusoid", "--meta-steps", "2",
+              "--meta-batch-size", "2", "--inner-steps", "1", "--eval-tasks", "3", "--fidelity-tasks",
+              "0", "--threads", "1", "--quiet", "--in-process", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "checkpoint.joblib" in capsys.readouterr().err
+    assert sorted(p.name for p in path.iterdir()) == before  # nothing started over
+    assert load_results(tmp_path)[0]["status"].startswith("earlier format")
+    result = run_comparison(["FOMAML"], force=True, **kw)  # --force discards it
+    assert result.results[0]["status"] == "ok" and not old.exists() and (path / "checkpoint.pt").exists()
 
 
 def test_changed_settings_are_refused_unless_forced(tmp_path):
@@ -230,6 +266,32 @@ def test_divergence_is_a_row_not_a_crash(tmp_path):
     assert finetune["status"] == "ok"
     assert "diverged at meta-step" in format_table(result.results)
     assert (tmp_path / "score_vs_time.png").stat().st_size > 0
+    # the history up to the last finite step is kept, and the status is in state.json
+    path = tmp_path / "FOMAML"
+    step = int(fomaml["status"].rsplit(" ", 1)[1])
+    history = json.loads((path / "history.json").read_text())
+    assert all(len(v) == step - 1 for v in history.values())
+    assert json.loads((path / "state.json").read_text())["status"] == fomaml["status"]
+
+
+def test_an_unfinished_diverged_run_diverges_again_at_the_same_step(tmp_path, monkeypatch):
+    step = fewshot.FOMAML._step
+
+    def nan_from_step_5(self, *args):  # a meta-gradient that turns non-finite after a checkpoint
+        grads, stats = step(self, *args)
+        return ({k: v * float("nan") for k, v in grads.items()} if self.n_iter_ >= 4 else grads), stats
+
+    monkeypatch.setattr(fewshot.FOMAML, "_step", nan_from_step_5)
+    path, _ = solver_dir(tmp_path, "FOMAML", meta_steps=9)
+    first = _compare.run_solver(path, chunk_size=2, quiet=True)
+    assert first["status"] == "diverged at meta-step 5" and first["meta_steps"] == 4
+    assert torch.load(path / "checkpoint.pt", weights_only=True)["n_iter"] == 4
+    history = json.loads((path / "history.json").read_text())
+    assert all(len(v) == 4 for v in history.values())
+    (path / "result.json").unlink()  # as if killed before the result was written
+    again = _compare.run_solver(path, chunk_size=2, quiet=True)  # from the checkpoint, once more
+    assert again["status"] == first["status"] and again["sessions"] == 2
+    assert json.loads((path / "history.json").read_text()) == history  # no step re-ran past it
 
 
 def test_crashing_solver_does_not_stop_the_others(tmp_path):

@@ -1,5 +1,5 @@
 """Data-parallel meta-training: two gloo processes on 127.0.0.1 against one process drawing the same
-shards (fewshot._distributed.simulated_world)."""
+shards (fewshot.estimators._distributed.simulated_world)."""
 
 import os
 import socket
@@ -12,7 +12,7 @@ import torch
 from torch.testing import assert_close
 
 import fewshot
-from fewshot._distributed import shard_seed
+from fewshot.estimators._distributed import shard_seed
 from fewshot.distributed import simulated_world
 from fewshot.tasks import GaussianClusterTasks, SinusoidTasks
 

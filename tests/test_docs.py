@@ -102,6 +102,10 @@ def test_shorten_lowers_budgets_only():
 
 
 # Shortened, every block takes under 20 s on 2 cores, so none is marked slow.
+#: What a rank prints when gloo's threads abort it at interpreter exit.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 @pytest.mark.parametrize("file_name, source", [pytest.param(file_name, source, id=block_id)
                                                for block_id, file_name, source in doc_blocks()])
 def test_doc_block_runs(file_name, source, tmp_path):
@@ -115,8 +119,13 @@ def test_doc_block_runs(file_name, source, tmp_path):
     else:
         (tmp_path / file_name).write_text(code)
         if "init_process_group" in code:
-            proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        file_name], tmp_path)
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", file_name]
+            proc = run(command, tmp_path)
+            if proc.returncode != 0 and GLOO_TEARDOWN_ABORT in proc.stdout:
+                # gloo's worker threads can abort a rank at interpreter exit, after the block's work
+                # and destroy_process_group are done (pytorch/pytorch#28126): seen about once in
+                # four runs on a loaded 2-core machine. Run it once more; any other failure fails.
+                proc = run(command, tmp_path)
         else:
             proc = run([sys.executable, file_name], tmp_path)
     numbered = "\n".join(f"{n:4d}  {line}" for n, line in enumerate(code.splitlines(), 1))

@@ -14,36 +14,13 @@ from hypothesis import strategies as st
 
 import fewshot
 from fewshot import linalg
-from fewshot._functional import inner_loop
-from fewshot._metagrad import FirstOrder, Implicit, ReptileRule, Unrolled, penalty_objective, query_objective
+from fewshot.core.inner import InnerProblem
+from fewshot.core.rules import FirstOrder, Implicit, ReptileRule, Unrolled, penalty_objective, query_objective
 from fewshot.tasks import LabeledSet, Task
 
+from _util import QuadraticLoss, spd
+
 DT = torch.float64
-
-
-class QuadraticLoss:
-    """A stand-in for TaskLoss: ``x`` is the matrix, ``y`` the centre; params {"phi": vector}."""
-
-    metric = None
-
-    def __call__(self, params, x, y):
-        d = params["phi"] - y
-        return 0.5 * d @ x @ d
-
-    def with_aux(self, params, x, y):
-        value = self(params, x, y)
-        return value, (value.detach(), value.detach())
-
-    def evaluate(self, params, x, y):
-        with torch.no_grad():
-            return self.with_aux(params, x, y)[1]
-
-
-def spd(rng, n, cond):
-    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    eig = np.exp(rng.uniform(0, np.log(cond), n))
-    eig = eig / eig.max()  # largest eigenvalue 1 so step sizes below 1 are stable
-    return torch.tensor(q @ np.diag(eig) @ q.T)
 
 
 @st.composite
@@ -79,7 +56,8 @@ def test_maml_equals_closed_form(p, lr, k):
     phi_k = p["a"] + torch.linalg.matrix_power(p["I"] - lr * p["A"], k) @ (p["theta"]["phi"] - p["a"])
     expected = torch.linalg.matrix_power(p["I"] - lr * p["A"], k) @ p["B"] @ (phi_k - p["b"])
     for memory_efficient in (False, True):
-        g, _ = Unrolled(lr, k, query_objective, memory_efficient=memory_efficient)(QuadraticLoss(), p["theta"], p["task"])
+        rule = Unrolled(InnerProblem(k, lr), query_objective, memory_efficient=memory_efficient)
+        g, _ = rule(QuadraticLoss(), p["theta"], p["task"])
         close(g["phi"], expected)
 
 
@@ -87,14 +65,24 @@ def test_maml_equals_closed_form(p, lr, k):
 @given(problems(), lrs, steps)
 def test_fomaml_and_reptile_closed_form(p, lr, k):
     phi_k = gd_iterate(p, lr, k)
-    g, _ = FirstOrder(lr, k)(QuadraticLoss(), p["theta"], p["task"])
+    g, _ = FirstOrder(InnerProblem(k, lr))(QuadraticLoss(), p["theta"], p["task"])
     close(g["phi"], p["B"] @ (phi_k - p["b"]))
-    g, _ = ReptileRule(lr, k)(QuadraticLoss(), p["theta"], p["task"])
+    g, _ = ReptileRule(InnerProblem(k, lr))(QuadraticLoss(), p["theta"], p["task"])
     close(g["phi"], p["theta"]["phi"] - phi_k)
 
 
 def implicit(lr, k, lam, solve, iters, tol=None, eta=None):
-    return Implicit(lr, k, lam, solve, iters, tol, {} if eta is None else {"lr": eta})
+    """The implicit rule on the proximal problem (k steps of lr, weight lam) with ``solve`` one of
+    ``linalg.cg`` (warm-started from grad Lq, ``iters`` iterations, tolerance ``tol``),
+    ``linalg.neumann`` (``iters`` terms with step ``eta``, no cut) or ``linalg.dense``."""
+    if solve is linalg.cg:
+        configured = linalg.solve_cg(maxiter=iters, tol=tol, warm_start=True)
+    elif solve is linalg.neumann:
+        configured = linalg.solve_neumann(terms=iters, lr=1.0 if eta is None else eta, stop_on_growth=False)
+    else:
+        assert solve is linalg.dense
+        configured = linalg.solve_dense()
+    return Implicit(InnerProblem(k, lr, lam=lam), configured)
 
 
 @settings(max_examples=40, deadline=None)
@@ -132,7 +120,7 @@ def test_imaml_damping_solves_the_damped_system_at_the_undamped_iterate(p, lam, 
     phi_k = gd_iterate(p, lr, k, lam)
     M = p["I"] + p["A"] / (lam + damping)
     expected = torch.linalg.solve(M, p["B"] @ (phi_k - p["b"]))
-    rule = Implicit(lr, k, lam, linalg.cg, p["n"] + 2, 1e-14, {}, damping=damping)
+    rule = Implicit(InnerProblem(k, lr, lam=lam), linalg.solve_cg(maxiter=p["n"] + 2, tol=1e-14), damping=damping)
     g, stats = rule(QuadraticLoss(), p["theta"], p["task"])
     close(g["phi"], expected)
     assert stats["solve_residual"] < 1e-10
@@ -166,6 +154,7 @@ def test_neumann_damping_sums_the_series_of_the_damped_system(p, lam, lr, k, ter
     estimator = fewshot.NeumannMAML(lam=lam, inner_steps=k, neumann_terms=terms, neumann_lr=eta,
                                     damping=damping, backtracking=False)  # phi_k: plain descent
     estimator.inner_lr_ = lr  # resolved by meta_fit; the rule is the estimator's own
+    estimator.inner_ = estimator._inner_problem(p["theta"])  # built by meta_fit from the network's parameters
     g, _ = estimator._make_rule()(QuadraticLoss(), p["theta"], p["task"])
     close(g["phi"], expected)
 
@@ -194,7 +183,7 @@ def test_explicit_maml_on_proximal_loop_approaches_implicit_gradient(p, lam):
     exact, _ = implicit(lr, 400, lam, linalg.dense, 0)(QuadraticLoss(), p["theta"], p["task"])
     gaps = []
     for k in (5, 50, 400):
-        g, _ = Unrolled(lr, k, query_objective, lam=lam)(QuadraticLoss(), p["theta"], p["task"])
+        g, _ = Unrolled(InnerProblem(k, lr, lam=lam), query_objective)(QuadraticLoss(), p["theta"], p["task"])
         gaps.append(float(torch.linalg.vector_norm(g["phi"] - exact["phi"])))
     assert gaps[-1] <= 1e-8 * max(1.0, float(torch.linalg.vector_norm(exact["phi"])))
     assert gaps[-1] <= gaps[0] + 1e-12
@@ -210,14 +199,15 @@ def test_penalty_closed_form(p, lr, k, penalty):
     expected = jac @ (B @ (phi_k - b) + 2 * penalty * A @ A @ (phi_k - a))
     objective = functools.partial(penalty_objective, penalty=penalty)
     for memory_efficient in (False, True):
-        g, _ = Unrolled(lr, k, objective, memory_efficient=memory_efficient)(QuadraticLoss(), p["theta"], p["task"])
+        rule = Unrolled(InnerProblem(k, lr), objective, memory_efficient=memory_efficient)
+        g, _ = rule(QuadraticLoss(), p["theta"], p["task"])
         close(g["phi"], expected)
 
 
 def test_inner_loop_reports_support_loss_at_theta():
     rng = np.random.default_rng(0)
     A, a, th = spd(rng, 3, 4.0), torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT)
-    _, (loss0, _), path = inner_loop(QuadraticLoss(), {"phi": th}, A, a, lr=0.1, steps=2, keep_path=True)
+    _, (loss0, _), path = InnerProblem(2, 0.1).run(QuadraticLoss(), {"phi": th}, A, a, keep_path=True)
     close(loss0, 0.5 * th @ A @ th)
     assert len(path) == 2 and path[0]["phi"] is th
 
@@ -304,12 +294,10 @@ def test_minres_on_dicts_matches_cg_normal_and_its_residual_never_grows():
 def test_backtracking_is_plain_descent_where_the_step_is_stable(p, lr, lam, steps):
     # The proximal objective's curvature is at most 1 + lam; a step below 1 / (1 + lam) decreases it
     # by at least half the linear prediction, so Armijo's condition never halves it.
-    from fewshot._functional import proximal_descent
-
     lr = lr / (1 + lam)
     args = (QuadraticLoss(), p["theta"], p["A"], p["a"])
-    plain, _, _ = inner_loop(*args, lr=lr, steps=steps, lam=lam)
-    safe, first, _ = proximal_descent(*args, lr=lr, steps=steps, lam=lam)
+    plain, _, _ = InnerProblem(steps, lr, lam=lam).run(*args)
+    safe, first, _ = InnerProblem(steps, lr, lam=lam, backtracking=True).run(*args)
     torch.testing.assert_close(safe["phi"], plain["phi"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(first[0], QuadraticLoss()(p["theta"], p["A"], p["a"]))
 
@@ -318,8 +306,6 @@ def test_backtracking_is_plain_descent_where_the_step_is_stable(p, lr, lam, step
 @given(problems(), st.floats(3.0, 50.0), st.floats(0.1, 2.0))
 def test_backtracking_never_raises_the_proximal_objective(p, curvature, lam):
     # A step far too large for the curvature: plain descent blows up, backtracking descends.
-    from fewshot._functional import proximal_descent
-
     A = p["A"] * curvature
     theta, a = p["theta"], p["a"]
 
@@ -329,10 +315,10 @@ def test_backtracking_never_raises_the_proximal_objective(p, curvature, lam):
     lr = 4.0 / (curvature + lam)
     values = [objective(theta)]
     for steps in range(1, 8):
-        phi, _, _ = proximal_descent(QuadraticLoss(), theta, A, a, lr=lr, steps=steps, lam=lam)
+        phi, _, _ = InnerProblem(steps, lr, lam=lam, backtracking=True).run(QuadraticLoss(), theta, A, a)
         values.append(objective(phi))
     assert all(later <= earlier + 1e-12 for earlier, later in zip(values, values[1:])), values
-    plain, _, _ = inner_loop(QuadraticLoss(), theta, A, a, lr=lr, steps=7, lam=lam)
+    plain, _, _ = InnerProblem(7, lr, lam=lam).run(QuadraticLoss(), theta, A, a)
     if objective(plain) > values[0]:  # the top eigenvalue is large enough for plain descent to diverge
         assert values[-1] < values[0]
 

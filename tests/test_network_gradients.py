@@ -1,7 +1,10 @@
 """Meta-gradients on small networks, float64: against finite differences and against a plain
 per-task autograd implementation, for a network with BatchNorm (batch statistics)."""
 
+import contextlib
+import dataclasses
 import functools
+import types
 
 import numpy as np
 
@@ -10,9 +13,11 @@ import torch
 from torch import nn
 
 from fewshot import linalg
-from fewshot._functional import LOSSES, FunctionalModel, TaskLoss, make_hvp
-from fewshot._metagrad import FirstOrder, Implicit, Unrolled, penalty_objective, query_objective
-from fewshot._tree import tree_norm
+from fewshot.core.functional import LOSSES, FunctionalModel, TaskLoss, make_hvp
+from fewshot.core.inner import InnerProblem
+from fewshot.core.rules import FirstOrder, Implicit, Unrolled, penalty_objective, query_objective
+from fewshot.core.tree import tree_norm
+from fewshot.estimators._executor import Executor, example_flops
 from fewshot.models import MLP, Conv4, init_parameters
 from fewshot.tasks import GaussianClusterTasks, SinusoidTasks
 
@@ -21,6 +26,28 @@ DT = torch.float64
 
 def rel_err(a, b):
     return float(tree_norm({k: a[k] - b[k] for k in a}) / tree_norm(b))
+
+
+def support_hvp(task_loss, theta, xs, ys, mode):
+    """The Hessian-vector product of the support loss at theta."""
+    return make_hvp(lambda p: task_loss(p, xs, ys), theta, mode)
+
+
+def executor(est, params=None):
+    """The :class:`Executor` ``meta_fit`` chooses for ``est`` (after ``meta_fit`` or ``_setup``)."""
+    params = est.params_ if params is None else params
+    return Executor.choose(est.fmodel_, est._loss_parts, est._rule(), params, est.input_shape_,
+                           est.task_threads)
+
+
+@contextlib.contextmanager
+def task_by_task():
+    """A context in which ``meta_fit`` runs every meta-batch task by task (never batched)."""
+    choose = Executor.choose
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Executor, "choose", classmethod(
+            lambda cls, *args, **kwargs: dataclasses.replace(choose(*args, **kwargs), batched=False)))
+        yield
 
 
 def smooth_mlp():
@@ -76,7 +103,7 @@ def test_maml_and_penalty_match_finite_differences(penalty, memory_efficient):
     tl = TaskLoss(fm, *LOSSES["mse"][:2])
     theta, task, lr, steps = fm.init_params(), sinusoid_task(), 0.05, 3
     objective = functools.partial(penalty_objective, penalty=penalty) if penalty else query_objective
-    g, _ = Unrolled(lr, steps, objective, memory_efficient=memory_efficient)(tl, theta, task)
+    g, _ = Unrolled(InnerProblem(steps, lr), objective, memory_efficient=memory_efficient)(tl, theta, task)
     fd = finite_difference(unrolled_value(tl, task, lr, steps, penalty), theta)
     assert rel_err(g, fd) < 1e-6
 
@@ -109,7 +136,7 @@ def autograd_maml(task_loss, theta, task, lr, steps):
 def test_maml_matches_plain_autograd_through_batchnorm(memory_efficient):
     tl, theta, tasks = conv_task_loss()
     for task in tasks:
-        g, _ = Unrolled(0.4, 2, query_objective, memory_efficient=memory_efficient)(tl, theta, task)
+        g, _ = Unrolled(InnerProblem(2, 0.4), query_objective, memory_efficient=memory_efficient)(tl, theta, task)
         assert rel_err(g, autograd_maml(tl, theta, task, 0.4, 2)) < 1e-10
 
 
@@ -124,7 +151,7 @@ def test_first_order_matches_plain_autograd_through_batchnorm():
         phi = {k: phi[k] - 0.4 * gi for k, gi in zip(phi, g)}
     leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
     ref = dict(zip(leaves, torch.autograd.grad(tl(leaves, xq, yq), list(leaves.values()))))
-    g, _ = FirstOrder(0.4, 2)(tl, theta, task)
+    g, _ = FirstOrder(InnerProblem(2, 0.4))(tl, theta, task)
     assert rel_err(g, ref) < 1e-12
 
 
@@ -135,7 +162,7 @@ def test_hvp_matches_finite_difference_of_gradients_through_batchnorm(mode):
     v = {k: torch.randn(t.shape, dtype=DT, generator=torch.Generator().manual_seed(7)) for k, t in theta.items()}
     norm = tree_norm(v)
     v = {k: t / norm for k, t in v.items()}
-    hv = make_hvp(tl, theta, xs, ys, mode)(v)
+    hv = support_hvp(tl, theta, xs, ys, mode)(v)
     grad_at = lambda s: torch.func.grad(tl)({k: theta[k] + s * v[k] for k in theta}, xs, ys)
     eps = 1e-6
     plus, minus = grad_at(eps), grad_at(-eps)
@@ -146,9 +173,9 @@ def test_hvp_matches_finite_difference_of_gradients_through_batchnorm(mode):
 def test_implicit_gradient_matches_dense_solve_through_batchnorm():
     tl, theta, tasks = conv_task_loss()
     # lam large enough that I + H/lam is positive definite for this network
-    rule = lambda solve, iters, tol: Implicit(0.1, 3, 20.0, solve, iters, tol, {})
-    exact, _ = rule(linalg.dense, 0, None)(tl, theta, tasks[0])
-    g, stats = rule(linalg.cg, 200, 1e-12)(tl, theta, tasks[0])
+    rule = lambda solve: Implicit(InnerProblem(3, 0.1, lam=20.0), solve)
+    exact, _ = rule(linalg.solve_dense())(tl, theta, tasks[0])
+    g, stats = rule(linalg.solve_cg(maxiter=200, tol=1e-12))(tl, theta, tasks[0])
     assert rel_err(g, exact) < 1e-8
     assert float(stats["negative_curvature"]) == 0.0
 
@@ -180,10 +207,10 @@ def test_fast_pooling_conv4_matches_textbook_conv4(image_size):
     task = type(sinusoid_task())(type(sinusoid_task().support)(xs, ys), type(sinusoid_task().query)(xq, yq))
     torch.testing.assert_close(f_fast(theta, xq), f_ref(theta, xq), rtol=1e-12, atol=1e-12)
     losses = [TaskLoss(f, *LOSSES["cross_entropy"][:2]) for f in (f_fast, f_ref)]
-    g_fast, g_ref = (Unrolled(0.4, 2, query_objective)(tl, theta, task)[0] for tl in losses)
+    g_fast, g_ref = (Unrolled(InnerProblem(2, 0.4), query_objective)(tl, theta, task)[0] for tl in losses)
     assert rel_err(g_fast, g_ref) < 1e-12
     v = {k: torch.randn(t.shape, generator=gen, dtype=DT) for k, t in theta.items()}
-    h_fast, h_ref = (make_hvp(tl, theta, xs, ys, "fwdrev")(v) for tl in losses)
+    h_fast, h_ref = (support_hvp(tl, theta, xs, ys, "fwdrev")(v) for tl in losses)
     assert rel_err(h_fast, h_ref) < 1e-12
     # vmap (used for non-transductive prediction) through the fast pooling
     batched = torch.func.vmap(lambda x: f_fast(theta, x))(xq.reshape(3, 3, 1, image_size, image_size))
@@ -239,11 +266,12 @@ def test_batched_tasks_give_the_same_meta_steps(name, options, sampler):
         est = fewshot.SOLVERS[name](model=model, meta_steps=3, meta_batch_size=5, inner_steps=2,
                                     dtype="float64", random_state=0, **options)
         if not batched:
-            est._batched_tasks = lambda rule: False
+            with task_by_task():
+                return est.meta_fit(sampler)
         return est.meta_fit(sampler)
 
     batched, looped = fit(True), fit(False)
-    assert batched._batched_tasks(batched._rule())
+    assert executor(batched).batched
     for k in looped.params_:
         torch.testing.assert_close(batched.params_[k], looped.params_[k], rtol=1e-12, atol=1e-14)
     assert sorted(batched.history_) == sorted(looped.history_)
@@ -260,7 +288,7 @@ def test_batched_tasks_only_where_exact_and_cheaper():
 
     def batched(name, model=None, sampler=None, **options):
         est = fewshot.SOLVERS[name](model=model or "auto", meta_steps=0, random_state=0, **options)
-        return est.meta_fit(sampler or SinusoidTasks())._batched_tasks(est._rule())
+        return executor(est.meta_fit(sampler or SinusoidTasks())).batched
 
     assert batched("MAML") and batched("FOMAML") and batched("Reptile") and batched("PenaltyMAML")
     assert not batched("IMAML") and not batched("NeumannMAML")
@@ -296,10 +324,12 @@ def test_batched_tasks_with_a_custom_loss():
     for batched in (True, False):
         est = fewshot.MAML(loss=huber, meta_steps=2, meta_batch_size=4, inner_steps=2, dtype="float64",
                            random_state=0)
-        if not batched:
-            est._batched_tasks = lambda rule: False
-        runs.append(est.meta_fit(SinusoidTasks()))
-    assert runs[0]._batched_tasks(runs[0]._rule())
+        if batched:
+            runs.append(est.meta_fit(SinusoidTasks()))
+        else:
+            with task_by_task():
+                runs.append(est.meta_fit(SinusoidTasks()))
+    assert executor(runs[0]).batched
     for k in runs[0].params_:
         torch.testing.assert_close(runs[0].params_[k], runs[1].params_[k], rtol=1e-12, atol=1e-14)
 
@@ -314,12 +344,10 @@ def test_a_meta_step_frees_each_task_gradient_once_summed():
     import weakref
 
     import fewshot
-    from fewshot import _metagrad
-
     est = fewshot.FOMAML(model=MLP(1, 1, hidden=(8,)), meta_steps=0, meta_batch_size=8, inner_steps=1,
                          dtype="float64", random_state=0, task_threads=1).meta_fit(SinusoidTasks())
     batch = SinusoidTasks().sample(8, random_state=1).to("cpu", torch.float64)
-    alive, rule = [], _metagrad.FirstOrder(lr=est.inner_lr_, steps=1)
+    alive, rule = [], FirstOrder(est.inner_)
     peak = []
 
     class Tracked(dict):  # a plain dict cannot be weakly referenced
@@ -333,7 +361,10 @@ def test_a_meta_step_frees_each_task_gradient_once_summed():
         alive.append(weakref.ref(g))
         return g, stats
 
-    grads, _ = est._step_gradient(tracked_rule, est.params_, batch)
+    step_executor = Executor.choose(est.fmodel_, est._loss_parts, tracked_rule, est.params_, est.input_shape_,
+                                    est.task_threads)
+    assert not step_executor.batched and step_executor.workers == 1
+    grads, _ = est._step(step_executor, tracked_rule, est.params_, batch, None)
     assert len(peak) == 8 and max(peak) == 0  # no earlier task's gradient is alive when one ends
     per_task = est.meta_gradient(batch)
     for k in grads:
@@ -342,7 +373,7 @@ def test_a_meta_step_frees_each_task_gradient_once_summed():
 
 @pytest.mark.parametrize("inner_data", ["support", "task"])
 def test_reptile_matches_plain_autograd_through_batchnorm(inner_data):
-    from fewshot._metagrad import ReptileRule
+    from fewshot.core.rules import ReptileRule
 
     tl, theta, tasks = conv_task_loss()
     for task in tasks:
@@ -352,17 +383,17 @@ def test_reptile_matches_plain_autograd_through_batchnorm(inner_data):
         for _ in range(3):
             g = torch.autograd.grad(tl(phi, x, y), list(phi.values()))
             phi = {k: (p - 0.4 * gi).detach().requires_grad_(True) for (k, p), gi in zip(phi.items(), g)}
-        g, stats = ReptileRule(0.4, 3, inner_data)(tl, theta, task)
+        g, stats = ReptileRule(InnerProblem(3, 0.4), inner_data)(tl, theta, task)
         assert rel_err(g, {k: theta[k] - phi[k].detach() for k in theta}) < 1e-12
         # the reported support loss is on the support set alone, whatever the inner loop used
         torch.testing.assert_close(stats["support_loss_pre"], tl(theta, xs, ys).detach())
         if inner_data == "task":  # (the batch statistics of the union differ from the support's)
-            assert rel_err(g, ReptileRule(0.4, 3)(tl, theta, task)[0]) > 1e-3
+            assert rel_err(g, ReptileRule(InnerProblem(3, 0.4))(tl, theta, task)[0]) > 1e-3
 
 
 def test_reptile_mini_batches_match_plain_autograd_through_batchnorm():
     """inner_shots=1 on support and query: inner step j on the j-th example of every class."""
-    from fewshot._metagrad import ReptileRule
+    from fewshot.core.rules import ReptileRule
 
     tl, theta, tasks = conv_task_loss()  # 3 classes, 2 support + 2 query examples per class
     for task in tasks:
@@ -373,13 +404,13 @@ def test_reptile_mini_batches_match_plain_autograd_through_batchnorm():
             batch = torch.stack([torch.nonzero(y == c).flatten()[j % 4] for c in range(3)])
             g = torch.autograd.grad(tl(phi, x[batch], y[batch]), list(phi.values()))
             phi = {k: (p - 0.4 * gi).detach().requires_grad_(True) for (k, p), gi in zip(phi.items(), g)}
-        g, stats = ReptileRule(0.4, 6, "task", 1)(tl, theta, task)
+        g, stats = ReptileRule(InnerProblem(6, 0.4), "task", 1)(tl, theta, task)
         assert rel_err(g, {k: theta[k] - phi[k].detach() for k in theta}) < 1e-12
         torch.testing.assert_close(stats["support_loss_pre"], tl(theta, xs, ys).detach())
 
 
 def test_class_batches():
-    from fewshot._metagrad import _class_batches
+    from fewshot.core.rules import _class_batches
 
     y = torch.tensor([2, 0, 1, 0, 1, 2, 0, 1, 2])  # three examples of each class
     assert [b.tolist() for b in _class_batches(y, 1, 4)] == [[1, 2, 0], [3, 4, 5], [6, 7, 8], [1, 2, 0]]
@@ -418,10 +449,10 @@ def test_direct_forward_of_reference_networks_matches_functional_call(kind):
 
     task = type(sinusoid_task())(type(sinusoid_task().support)(xs, ys), type(sinusoid_task().query)(xq, yq))
     losses = [TaskLoss(f, *loss) for f in (fmodel, ThroughModule(module))]
-    g_direct, g_module = (Unrolled(0.4, 2, query_objective)(tl, theta, task)[0] for tl in losses)
+    g_direct, g_module = (Unrolled(InnerProblem(2, 0.4), query_objective)(tl, theta, task)[0] for tl in losses)
     assert rel_err(g_direct, g_module) < 1e-12
     v = {k: torch.randn(t.shape, generator=gen, dtype=DT) for k, t in theta.items()}
-    h_direct, h_module = (make_hvp(tl, theta, xs, ys, "fwdrev")(v) for tl in losses)
+    h_direct, h_module = (support_hvp(tl, theta, xs, ys, "fwdrev")(v) for tl in losses)
     assert rel_err(h_direct, h_module) < 1e-12
 
 
@@ -456,22 +487,22 @@ def test_auto_task_threads_follow_the_cost_of_a_forward_pass():
     torch.set_num_threads(2)
     try:
         small = fewshot.MAML(meta_steps=1, meta_batch_size=2, random_state=0).meta_fit(SinusoidTasks())
-        assert small._example_flops() == 2 * (1 * 40 + 40 * 40 + 40 * 1)
-        assert small._task_workers() == 1
-        assert small.set_params(task_threads=2)._task_workers() == 2  # an explicit count is kept
+        assert example_flops(small.fmodel_, small.params_, small.input_shape_) == 2 * (1 * 40 + 40 * 40 + 40 * 1)
+        assert executor(small).workers == 1
+        assert executor(small.set_params(task_threads=2)).workers == 2  # an explicit count is kept
+        # Omniglot's tasks without the data: what _setup reads of a sampler
+        omniglot = types.SimpleNamespace(task_type="classification", input_shape=(1, 28, 28), n_outputs=5)
         conv = fewshot.MAML(model=Conv4(n_outputs=5), meta_steps=0)
-        conv.input_shape_ = (1, 28, 28)
-        conv.fmodel_ = FunctionalModel(conv.model)
-        conv._example_flops_cache = None
-        assert abs(conv._example_flops() - 19.63e6) < 0.01e6  # docs/benchmarks.md's count by hand
-        assert conv._task_workers() == 2
+        theta = conv._setup(omniglot, torch.device("cpu"), torch.float32, 0)
+        assert abs(example_flops(conv.fmodel_, theta, conv.input_shape_) - 19.63e6) < 0.01e6  # docs/benchmarks.md's count by hand
+        assert executor(conv, theta).workers == 2
         # Hessian-vector products on one thread: reverse-over-reverse for the small network
-        # (cheaper per product), forward-over-reverse for Conv4 (no graph kept between products)
+        # (cheaper per product), forward-over-reverse for Conv4 (no graph kept between products);
+        # the task losses handed to the rule carry the choice
         small_imaml = fewshot.IMAML(task_threads=1, meta_steps=1, meta_batch_size=2).meta_fit(SinusoidTasks())
-        assert small_imaml._rule().hvp_mode == "revrev"
+        assert executor(small_imaml).hvp_mode == "revrev" == executor(small_imaml).task_loss().hvp_mode
         conv_imaml = fewshot.IMAML(model=Conv4(n_outputs=5), task_threads=1)
-        conv_imaml.input_shape_, conv_imaml.inner_lr_ = (1, 28, 28), 0.1
-        conv_imaml.fmodel_, conv_imaml._example_flops_cache = FunctionalModel(conv_imaml.model), None
-        assert conv_imaml._rule().hvp_mode == "fwdrev"
+        theta = conv_imaml._setup(omniglot, torch.device("cpu"), torch.float32, 0)
+        assert executor(conv_imaml, theta).hvp_mode == "fwdrev" == executor(conv_imaml, theta).task_loss().hvp_mode
     finally:
         torch.set_num_threads(before)

@@ -62,10 +62,12 @@ def test_an_inner_loop_that_raises_the_support_loss_stops_training():
     stable = fewshot.MAML(inner_lr=0.05, **kw).meta_fit(sampler)
     assert stable.n_iter_ == 40
     # Reptile's inner loop on support+query or in class batches need not lower the support loss
-    from fewshot._metagrad import ReptileRule
+    from fewshot.core.inner import InnerProblem
+    from fewshot.core.rules import ReptileRule
 
-    assert ReptileRule(0.1, 1).fits_support
-    assert not ReptileRule(0.1, 1, "task").fits_support and not ReptileRule(0.1, 1, shots=1).fits_support
+    inner = InnerProblem(1, 0.1)
+    assert ReptileRule(inner).fits_support
+    assert not ReptileRule(inner, "task").fits_support and not ReptileRule(inner, shots=1).fits_support
 
 
 def test_grad_clip_bounds_the_update():
@@ -98,7 +100,7 @@ def test_cg_negative_curvature_is_handled_and_warned():
     ("solve_diverged", [0.0, 0.0, 1.0, 0.25], True),
 ])
 def test_solver_warning_fires_only_when_most_solves_failed(key, fractions, warns):
-    est = fewshot.IMAML()
+    est = fewshot.IMAML(meta_steps=0, random_state=0).meta_fit(SinusoidTasks())  # its rule, unfitted
     est.history_ = {key: [0.0] * 10 + fractions}  # the first 10 steps belong to an earlier fit
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -283,21 +285,23 @@ class _Terminal:
 
 @pytest.mark.parametrize("verbose, terminal, shown", [
     ("auto", False, False),   # pytest's capture, pipes, batch jobs: silent
-    ("auto", True, True),     # a terminal: a bar (after _PROGRESS_DELAY seconds)
+    ("auto", True, True),     # a terminal: a bar (after _progress.DELAY seconds)
     (0, True, False),
     (1, False, True),
 ])
 def test_progress_bar_shows_only_when_a_person_watches(monkeypatch, verbose, terminal, shown):
     import sys
 
+    from fewshot.estimators import _progress
+
     if terminal:
         monkeypatch.setattr(sys, "stderr", _Terminal())
     est = fewshot.MAML(verbose=verbose)
-    bar = est._progress(10)
+    bar = _progress.progress_bar(est.verbose, 10, type(est).__name__)  # what meta_fit shows
     try:
         assert (bar is not None) == shown
         if bar is not None:
-            assert bar.delay == (est._PROGRESS_DELAY if verbose == "auto" else 0)
+            assert bar.delay == (_progress.DELAY if verbose == "auto" else 0)
     finally:
         if bar is not None:
             bar.close()
@@ -306,7 +310,7 @@ def test_progress_bar_shows_only_when_a_person_watches(monkeypatch, verbose, ter
 def test_backtracking_keeps_the_implicit_solvers_inner_loop_from_diverging():
     # Steps of 0.5 are far too large for the sinusoid network's support-loss curvature: the fixed
     # step blows the inner loop up at once; with backtracking every step lowers the proximal objective.
-    from fewshot._functional import proximal_descent
+    from fewshot.core.inner import InnerProblem
 
     sampler = SinusoidTasks()
     kw = dict(inner_lr=0.5, inner_steps=5, meta_steps=10, meta_batch_size=4, random_state=0, verbose=0)
@@ -322,8 +326,8 @@ def test_backtracking_keeps_the_implicit_solvers_inner_loop_from_diverging():
         assert all(post <= pre for pre, post in zip(h["support_loss_pre"], h["support_loss_post"]))
         # adapt runs the same inner loop as meta-training
         task = sampler.sample(random_state=1)
-        phi, _, _ = proximal_descent(est._task_loss, est.params_, task.support.x, task.support.y,
-                                     lr=0.5, steps=5, lam=est.lam)
+        backtracking = InnerProblem(5, 0.5, lam=est.lam, backtracking=True)
+        phi, _, _ = backtracking.run(est._task_loss, est.params_, task.support.x, task.support.y)
         expected = est.fmodel_(phi, task.query.x)
         torch.testing.assert_close(est.adapt(task.support).predict(task.query.x), expected)
 

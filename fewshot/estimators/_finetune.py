@@ -9,16 +9,18 @@ import torch
 from torch import nn
 from torch.func import grad
 
-from ._base import COMMON_PARAMS, MetaLearner, estimator_init
-from ._functional import proximal_descent
-from ._solvers import _COMMON_DOC, _ATTRIBUTES_DOC
-from ._tree import Params
-from ._validation import check_number
-from .tasks import LabeledSet
+from ..core.functional import FunctionalModel
+from ..core.inner import InnerProblem
+from ..core.tree import Params
+from .._validation import check_number
+from ..tasks import LabeledSet
+from ._base import MetaLearner
+from ._params import COMMON_PARAMS, estimator_init
+from ._solvers import _ATTRIBUTES_DOC, _COMMON_DOC
 
 __all__ = ["FineTune"]
 
-_PARAMS = {k: v for k, v in COMMON_PARAMS.items() if k != "meta_batch_size"}
+_PARAMS = {k: v for k, v in COMMON_PARAMS.items() if k not in ("meta_batch_size", "inner_params")}
 _PARAMS.update(inner_lr=0.1, inner_steps=100, batch_size=64, head="auto")
 
 
@@ -73,7 +75,8 @@ class FineTune(MetaLearner):
     {attributes}
     """
 
-    __doc__ = __doc__.replace("{common}", _COMMON_DOC).replace("{attributes}", _ATTRIBUTES_DOC)
+    __doc__ = __doc__.replace("{common}", _COMMON_DOC[:_COMMON_DOC.index("    inner_params :")]).replace(
+        "{attributes}", _ATTRIBUTES_DOC)
     __init__ = estimator_init(**_PARAMS)
     _extra_checks = {"batch_size": functools.partial(check_number, low=1, integer=True),
                      "head": lambda n, v: _check_head(v)}
@@ -88,7 +91,7 @@ class FineTune(MetaLearner):
         return int(sampler.n_pretrain_outputs)
 
     def _setup(self, sampler, device, dtype, seed):
-        super()._setup(sampler, device, dtype, seed)
+        params = super()._setup(sampler, device, dtype, seed)
         modules = dict(self.fmodel_.module.named_modules())
         if self.head == "auto":
             linear = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
@@ -100,16 +103,23 @@ class FineTune(MetaLearner):
         else:
             raise ValueError(f"head={self.head!r} is not an nn.Linear submodule of the model; "
                              f"its linear layers are {[n for n, m in modules.items() if isinstance(m, nn.Linear)]}")
+        return params
 
     def _make_rule(self):
         return None
 
-    def _draw(self, sampler, gen, device, dtype, first=False):
+    def _inner_problem(self, weights):
+        """The head fit of ``adapt``: backtracking gradient descent on the head's support loss."""
+        return InnerProblem(int(self.inner_steps), self.inner_lr_, backtracking=True)
+
+    def _draw(self, sampler, gen, device, dtype):
         data = sampler.sample_pretraining(self.batch_size, random_state=gen)
         return data.to(device, dtype)
 
-    def _step_gradient(self, rule, params: Params, data: LabeledSet):
-        g, (loss, metric) = grad(self._task_loss.with_aux, has_aux=True)(params, data.x, data.y)
+    def _step(self, executor, rule, params: Params, data: LabeledSet, seeds):
+        gen = None if not seeds else torch.Generator(data.x.device).manual_seed(seeds[0])
+        with FunctionalModel.seeded(gen):
+            g, (loss, metric) = grad(self._task_loss.with_aux, has_aux=True)(params, data.x, data.y)
         stats = {"train_loss": loss}
         if self.task_type_ == "classification":
             stats["train_acc"] = metric
@@ -134,8 +144,8 @@ class FineTune(MetaLearner):
         feats = self._features(self.params_, support.x)
         n_out = self.n_outputs_
         head = {"weight": feats.new_zeros((n_out, feats.shape[1])), "bias": feats.new_zeros((n_out,))}
-        head, _, _ = proximal_descent(_HeadLoss(self._loss_parts[0]), head, feats, support.y,
-                                      lr=self.inner_lr_, steps=self._adapt_steps(), lam=0.0)
+        head = self.inner_.run(_HeadLoss(self._loss_parts[0]), head, feats, support.y,
+                               steps=self._adapt_steps()).phi
         params = dict(self.params_)
         params[f"{self.head_}.weight"], params[f"{self.head_}.bias"] = head["weight"], head["bias"]
         return params

@@ -3,7 +3,8 @@
 Layout of the output folder ``out``::
 
     out/<solver>/config.json        the solver's resolved settings (what identifies its run)
-    out/<solver>/checkpoint.joblib  the estimator, saved atomically after every chunk of meta-steps
+    out/<solver>/checkpoint.pt      the estimator's meta_fit checkpoint, written after every chunk
+    out/<solver>/state.json         what is not estimator state: sessions, peak memory, status
     out/<solver>/history.json       estimator.history_ (learning curves)
     out/<solver>/result.json        score, times, memory: written last, marks the solver finished
     out/<solver>/error.txt          traceback of a failed run (the other solvers carry on)
@@ -13,9 +14,11 @@ Layout of the output folder ``out``::
 
 Each solver runs in its own process (``python -m fewshot compare --worker out/<solver>``), so its
 peak memory is its own and a crash does not stop the others. Meta-training runs in chunks of
-``chunk_size`` meta-steps with ``warm_start=True``; the estimator (parameters, optimizer state and
-task-stream state) is saved after each chunk, so an interrupted comparison resumes where it stopped
-and the result is bit-identical to an uninterrupted run.
+``chunk_size`` meta-steps, each one ``meta_fit(train, checkpoint=out/<solver>/checkpoint.pt)`` with
+``meta_steps`` raised to the chunk's end: the estimator restores itself from the checkpoint
+(meta-parameters, optimizer state, task-stream state, history) and writes it after its last step, so
+an interrupted comparison resumes where it stopped and the result is bit-identical to an
+uninterrupted run. A folder of the earlier format (a ``checkpoint.joblib``) is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ SOLVER_TYPES = {
     "NeumannMAML": "Approx. 2nd-Order",
     "PenaltyMAML": "Penalty 2nd-Order",
     "FineTune": "Non-Meta",
+    "ANIL": "Explicit 2nd-Order, head only",
+    "MetaSGD": "Explicit 2nd-Order, learned steps",
+    "MAMLPlusPlus": "Explicit 2nd-Order, learned steps",
 }
 
 #: Columns of results.csv / results.json.
@@ -61,8 +67,10 @@ TABLE_FIELDS = ("method", "type", "metric", "score_mean", "score_ci95", "n_eval_
 FIDELITY_FIELDS = ("method", "reference", "n_tasks", "cosine_mean", "cosine_std", "rel_error_mean",
                    "rel_error_std", "norm_ratio_mean", "reference_residual_max")
 
-CONFIG, CHECKPOINT, HISTORY, RESULT, ERROR = ("config.json", "checkpoint.joblib", "history.json",
-                                              "result.json", "error.txt")
+CONFIG, CHECKPOINT, STATE, HISTORY, RESULT, ERROR = ("config.json", "checkpoint.pt", "state.json",
+                                                     "history.json", "result.json", "error.txt")
+#: The estimator pickle of the earlier format (before checkpoint.pt): refused, never resumed.
+OLD_CHECKPOINT = "checkpoint.joblib"
 #: Environment of the solver processes. OpenMP threads that wait for work spin by default; on a busy
 #: machine they then hold a core another thread needs, which slows a loaded machine many times
 #: over ("PASSIVE": wait asleep; the measurement is in docs/compare.md, "Threads"). Only set when
@@ -136,12 +144,6 @@ def _write_csv(path: Path, rows, fields) -> None:
     _atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
-def _dump(obj, path: Path) -> None:
-    import joblib
-
-    _atomic_write(path, lambda f: joblib.dump(obj, f))
-
-
 def _peak_rss_mb() -> float:
     """High-water mark of this process's resident set size, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -163,7 +165,7 @@ def make_samplers(config: dict):
     The meta-test sampler draws tasks with ``eval_query`` query examples (per class) from held-out
     data: Omniglot's test characters, new Gaussian clusters (other centres), new sinusoids.
     """
-    from . import tasks
+    from .. import tasks
 
     ds = config["dataset"]
     k, q, qe = config["k_shot"], config["n_query"], config["eval_query"]
@@ -174,7 +176,7 @@ def make_samplers(config: dict):
         return (tasks.GaussianClusterTasks(n, k, q, seed=0),
                 tasks.GaussianClusterTasks(n, k, qe, seed=1))
     if ds == "omniglot":
-        from .datasets import omniglot_tasks
+        from ..datasets import omniglot_tasks
 
         n, split = config["n_way"], config["split"]
         return (omniglot_tasks(n, k, q, split=split, subset="train"),
@@ -184,9 +186,37 @@ def make_samplers(config: dict):
 
 def make_estimator(name: str, params: dict):
     """A fresh estimator of solver ``name`` with ``params``."""
-    from . import SOLVERS
+    from .. import SOLVERS
 
     return SOLVERS[name](**params)
+
+
+def _run_estimator(spec: dict):
+    """The estimator of a solver's run, built the same way by every session: the config's
+    parameters, and for a decaying meta learning rate ``meta_lr_horizon`` = the run's meta-steps
+    (unless the config sets it), so that the schedule spans the whole run and not one chunk. It is
+    not a free parameter of the checkpoint, so every ``meta_fit`` call of the run must have it."""
+    est = make_estimator(spec["solver"], spec["params"])
+    if _schedule_of(est) != "constant" and spec["params"].get("meta_lr_horizon") is None:
+        est.set_params(meta_lr_horizon=spec["params"]["meta_steps"])
+    return est
+
+
+def _checkpoint_steps(path: Path) -> int:
+    """The number of meta-steps saved in the checkpoint at ``path`` (0 when there is none)."""
+    import torch
+
+    if not path.exists():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True)["n_iter"])
+
+
+def _refuse_old_format(solver_dir: Path) -> None:
+    old = solver_dir / OLD_CHECKPOINT
+    if old.exists():
+        raise UsageError(f"{old} is a checkpoint of an earlier fewshot compare format, which cannot be "
+                         f"resumed: delete the run directory {solver_dir} (or pass force=True / --force "
+                         "to discard it), or choose a new out folder (--out)")
 
 
 def _solver_spec(config: dict, name: str) -> dict:
@@ -225,17 +255,19 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
                rss_scope: str = "process") -> dict | None:
     """Run (or resume) the solver whose ``config.json`` is in ``solver_dir``; return its result.
 
-    Meta-trains in chunks of ``chunk_size`` meta-steps, saving ``checkpoint.joblib`` after each, then
-    evaluates and writes ``history.json`` and ``result.json``. A finished solver (``result.json``
-    present) is not run again. ``max_chunks`` stops after that many chunks and returns ``None``
-    (as an interruption would; used to test resuming).
+    Meta-trains in chunks of ``chunk_size`` meta-steps, each a ``meta_fit`` with
+    ``checkpoint=checkpoint.pt`` (which restores the run from that file and writes it after the
+    chunk's last step) followed by ``state.json`` (sessions, memory, status), then evaluates and
+    writes ``history.json`` and ``result.json``. A finished solver (``result.json`` present) is not
+    run again. ``max_chunks`` stops after that many chunks and returns ``None`` (as an interruption
+    would; used to test resuming).
     """
-    import joblib
     import torch
 
-    from .exceptions import DivergenceError, SolverWarning
+    from ..exceptions import DivergenceError, SolverWarning
 
     solver_dir = Path(solver_dir)
+    _refuse_old_format(solver_dir)
     if (solver_dir / RESULT).exists():
         return _read_json(solver_dir / RESULT)
     spec = _read_json(solver_dir / CONFIG)
@@ -245,18 +277,20 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
     (solver_dir / ERROR).unlink(missing_ok=True)
     train, test = make_samplers(spec)
     baseline = _peak_rss_mb()
-    if (solver_dir / CHECKPOINT).exists():
-        state = joblib.load(solver_dir / CHECKPOINT)
-        est = state["estimator"]
-        state["sessions"] += 1
-    else:
-        est = make_estimator(name, spec["params"]).set_params(warm_start=True)
-        state = {"format": _FORMAT, "estimator": est, "sessions": 1, "peak_rss_mb": 0.0,
-                 "train_rss_mb": 0.0, "status": "running"}
-    done = first = getattr(est, "n_iter_", 0)
-    status = state["status"]
-    if status == "ok" and done < total:  # a finished run asked for more meta-steps: continue it
-        status = "running"
+    checkpoint = solver_dir / CHECKPOINT
+    state = {"format": _FORMAT, "sessions": 0, "peak_rss_mb": 0.0, "train_rss_mb": 0.0,
+             "status": "running"}
+    if (solver_dir / STATE).exists():
+        state.update(_read_json(solver_dir / STATE))
+    state["sessions"] += 1
+    _write_json(solver_dir / STATE, state)  # counts this session even if it is stopped in its first chunk
+    est = _run_estimator(spec)
+    verbose = est.verbose
+    est.set_params(verbose=0)  # this loop shows the run's progress, not the estimator
+    # A run saved as diverged is trained again from its checkpoint (taken before the divergence),
+    # and diverges again at the same step: that restores its history.
+    done = first = _checkpoint_steps(checkpoint)
+    status = "running"
     bar = None
     if not quiet:
         from tqdm.auto import tqdm
@@ -267,27 +301,18 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
         while done < total and status == "running":
             if max_chunks is not None and chunks >= max_chunks:
                 return None
-            # a decaying meta learning rate spans the whole run, not one chunk
-            est.set_params(meta_steps=min(chunk_size, total - done), warm_start=True,
-                           **({"meta_lr_horizon": total} if _schedule_of(est) != "constant"
-                              and spec["params"].get("meta_lr_horizon") is None else {}))
-            verbose = est.verbose
-            est.set_params(verbose=0)  # this loop shows the run's progress, not the estimator
+            est.set_params(meta_steps=min(done + chunk_size, total))  # the total to reach
             try:
                 with warnings.catch_warnings():  # summarised once per session below, not per chunk
                     warnings.simplefilter("ignore", SolverWarning)
-                    est.meta_fit(train)
-            except DivergenceError as err:
+                    est.meta_fit(train, checkpoint=checkpoint)
+            except DivergenceError as err:  # params_ holds the last finite meta-parameters
                 status = f"diverged at meta-step {err.step}"
-            finally:
-                est.set_params(verbose=verbose)
             _update_memory(state, baseline)
-            if est.n_iter_ >= total or status != "running":
-                est.set_params(meta_steps=total, warm_start=False)
-                if status == "running":
-                    status = "ok"
+            if status == "running" and est.n_iter_ >= total:
+                status = "ok"
             state["status"] = status
-            _dump(state, solver_dir / CHECKPOINT)
+            _write_json(solver_dir / STATE, state)
             chunks += 1
             if bar is not None:
                 last = {k: v[-1] for k, v in est.history_.items()}
@@ -300,10 +325,13 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
         if bar is not None:
             bar.close()
     if getattr(est, "n_iter_", 0) > first:
-        est._warn_about_solves(first)
-    if not hasattr(est, "params_"):  # meta_steps=0: set the estimator up without training
-        est.set_params(meta_steps=0, warm_start=False).meta_fit(train)
-    if status == "running":  # meta_steps=0, or a checkpoint saved just before the end
+        est._warn_about_solves(first)  # history_ is the whole run's: judge this session's steps
+    if not hasattr(est, "params_"):
+        # no chunk ran in this session (the run was trained to the end before): restore it from the
+        # checkpoint without a step, or with meta_steps=0 set the estimator up without training
+        est.set_params(meta_steps=done).meta_fit(train, checkpoint=checkpoint)
+    est.set_params(verbose=verbose)
+    if status == "running":  # meta_steps=0, or trained to the end in an earlier session
         status = "ok"
     _update_memory(state, baseline)  # peak memory of meta-training, before evaluation
     _write_json(solver_dir / HISTORY, est.history_)
@@ -374,6 +402,8 @@ def _status_of(solver_dir: Path, name: str) -> dict:
         row["status"] = "failed: " + (lines[-1] if lines else "see error.txt")
     elif (solver_dir / CHECKPOINT).exists():
         row["status"] = "incomplete (rerun to resume)"
+    elif (solver_dir / OLD_CHECKPOINT).exists():
+        row["status"] = f"earlier format ({OLD_CHECKPOINT}): delete the folder to rerun"
     else:
         row["status"] = "not run"
     return row
@@ -385,7 +415,7 @@ def load_results(out, solvers=None) -> list[dict]:
     ``solvers`` lists the rows wanted (default: every solver folder in ``out``, in
     :data:`fewshot.SOLVERS` order). Solvers without a result get a row with only their status.
     """
-    from . import SOLVERS
+    from .. import SOLVERS
 
     out = Path(out)
     if solvers is None:
@@ -459,7 +489,7 @@ def _write_figures(out: Path, rows) -> list[Path]:
 
 
 def _draw_figures(out: Path, rows) -> list[Path]:
-    from . import plotting
+    from .. import plotting
 
     histories = {}
     for r in rows:
@@ -497,9 +527,9 @@ def _write_tables(out: Path, rows) -> None:
 
 def _fidelity(out: Path, config: dict, names, n_tasks: int, force: bool, quiet: bool) -> list[dict]:
     """Fidelity rows at the meta-parameters reached by the reference solver (MAML if run)."""
-    import joblib
+    import torch
 
-    from .diagnostics import meta_gradient_fidelity
+    from ..diagnostics import meta_gradient_fidelity
 
     names = [n for n in names if n != "FineTune"]
     if not names or n_tasks <= 0:
@@ -526,7 +556,8 @@ def _fidelity(out: Path, config: dict, names, n_tasks: int, force: bool, quiet: 
         prepared[name] = make_estimator(name, params).meta_fit(train)
     theta = None
     if ref is not None:
-        theta = joblib.load(out / ref / CHECKPOINT)["estimator"].params_
+        # the reference's meta-parameters after its last step, from its meta_fit checkpoint
+        theta = torch.load(out / ref / CHECKPOINT, map_location="cpu", weights_only=True)["meta_params"]
     tasks = train.sample(n_tasks, random_state=int(config["eval_seed"]))
     _write_json(path, {"settings": settings, "rows": meta_gradient_fidelity(prepared, tasks, params=theta)})
     rows = _read_json(path)["rows"]  # n/a (nan) is null, as in every table file
@@ -558,6 +589,7 @@ def _prepare_dir(solver_dir: Path, spec: dict, force: bool) -> None:
     path = solver_dir / CONFIG
     if force and solver_dir.exists():
         shutil.rmtree(solver_dir)
+    _refuse_old_format(solver_dir)
     if path.exists():
         old = _read_json(path)
         if "threads" not in old:  # a config.json without a thread count: take the requested one
@@ -575,6 +607,8 @@ def _prepare_dir(solver_dir: Path, spec: dict, force: bool) -> None:
                 detail = ", ".join(f"{k}: {old.get(k)!r} -> {_jsonable(spec).get(k)!r}" for k in diff)
                 raise UsageError(f"{solver_dir} holds a run with other settings ({detail}); pass "
                                  "force=True (--force) to discard it, or choose another out folder")
+            else:  # nothing was trained under the old settings: start afresh
+                (solver_dir / STATE).unlink(missing_ok=True)
     _write_json(path, spec)
 
 
@@ -645,7 +679,7 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
     """
     import torch
 
-    from . import SOLVERS
+    from .. import SOLVERS
 
     if table_only:
         if out is None:

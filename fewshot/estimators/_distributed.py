@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._tree import Params
-from .tasks import LabeledSet, TaskBatch, TaskSampler
+from ..core.tree import Params
+from ..tasks import LabeledSet, TaskBatch, TaskSampler
 
 __all__ = ["World", "current_world", "simulated_world", "shard_seed", "ShardStreams", "task_streams",
            "restore_streams", "streams_from_checkpoint", "gather_stream_states", "ShardedSampler",

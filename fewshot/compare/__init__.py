@@ -8,6 +8,6 @@
 See ``docs/compare.md`` for the protocols and the files written.
 """
 
-from ._compare import Comparison, UsageError, format_fidelity, format_table, load_results, run_comparison
+from ._run import Comparison, UsageError, format_fidelity, format_table, load_results, run_comparison
 
 __all__ = ["run_comparison", "load_results", "format_table", "format_fidelity", "Comparison", "UsageError"]

@@ -167,7 +167,7 @@ PROTOCOLS = {
                     "PenaltyMAML": {"meta_lr": 5e-3},
                 },
             },
-            # The small default of `fewshot compare`: minutes on a CPU for all seven solvers
+            # The small default of `fewshot compare`: minutes on a CPU for all ten estimators
             # (docs/compare.md).
             "sinusoid": {
                 "shared": {
@@ -223,7 +223,7 @@ def resolve(protocol: str, dataset: str, solvers, overrides: dict | None = None,
         "solver_tasks": {name: task settings}}``; ``solver_tasks`` lists the solvers whose entry
         sets one of :data:`SOLVER_TASK_KEYS` (a command-line value wins over it).
     """
-    from . import SOLVERS
+    from .. import SOLVERS
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import functools
 import inspect
 
-from . import linalg
-from ._base import COMMON_PARAMS, MetaLearner, estimator_init
-from ._functional import inner_loop, proximal_descent
-from ._metagrad import FirstOrder, Implicit, ReptileRule, Unrolled, penalty_objective, query_objective
-from ._validation import check_choice, check_number
+from ..core import linalg
+from ..core.rules import FirstOrder, Implicit, ReptileRule, Unrolled, penalty_objective
+from .._validation import check_choice, check_number
+from ._base import MetaLearner
+from ._params import COMMON_PARAMS, estimator_init
 
 __all__ = ["MAML", "FOMAML", "Reptile", "IMAML", "NeumannMAML", "PenaltyMAML"]
 
@@ -87,13 +87,25 @@ _COMMON_DOC = """
         with a leading task axis on the parameters (batched matrix products). The result is the
         same up to floating-point summation order (tested); the implicit solvers, whose linear
         solves take inner products per task, run task by task.
+    inner_params : None, str, list of str or callable, default=None
+        The parameters the inner loop adapts; the others keep their meta-learned values in every
+        inner step and are learned by the outer loop alone. None: all. A parameter or module name,
+        or a list of them (a module name selects its parameters); ``"head"`` is the module called
+        ``head`` if the network has one, else its last ``nn.Linear`` layer (ANIL's choice). Or a
+        predicate ``name -> bool``. The meta-gradient is still with respect to every
+        meta-parameter (see the class's description for what it is with a subset). When every
+        adapted parameter lies after the others in a network fewshot runs layer by layer (Conv4,
+        MLP, ``nn.Sequential``), the layers before them run once per task instead of once per step.
 """
 
 _ATTRIBUTES_DOC = """
     Attributes
     ----------
     params_ : dict of str to Tensor
-        Meta-parameters theta.
+        Meta-parameters theta: the network's parameters under their module names, and learned
+        inner learning rates (estimators that learn them) under ``"inner_lr.<parameter name>"``.
+    inner_ : fewshot.core.InnerProblem
+        The inner problem of meta-training and of ``adapt`` (adapted parameters resolved).
     n_iter_ : int
         Meta-steps run.
     history_ : dict of str to list of float
@@ -107,12 +119,21 @@ _ATTRIBUTES_DOC = """
 def _doc(cls):
     """Fill the shared parameter and attribute sections in, with the class's own default of
     ``inner_steps`` (the implicit solvers take more steps)."""
-    common = _COMMON_DOC.replace(
-        "inner_steps : int, default=5",
-        f"inner_steps : int, default={inspect.signature(cls).parameters['inner_steps'].default}")
+    signature = inspect.signature(cls).parameters
+    common = _COMMON_DOC.replace("inner_steps : int, default=5",
+                                 f"inner_steps : int, default={signature['inner_steps'].default}")
+    if "inner_params" not in signature:
+        common = common[:common.index("    inner_params :")]
+    elif signature["inner_params"].default is not None:
+        common = common.replace("inner_params : None, str, list of str or callable, default=None",
+                                "inner_params : None, str, list of str or callable, "
+                                f"default={signature['inner_params'].default!r}")
     cls.__doc__ = cls.__doc__.replace("{common}", common).replace("{attributes}", _ATTRIBUTES_DOC)
     return cls
 
+
+#: Reptile's parameters: it moves theta towards the adapted parameters, so it adapts all of them.
+_WITHOUT_SUBSET = {k: v for k, v in COMMON_PARAMS.items() if k != "inner_params"}
 
 _positive = functools.partial(check_number, low=0, low_open=True)
 _step_size = functools.partial(check_number, low=0, low_open=True, high=1e6)
@@ -166,8 +187,7 @@ class MAML(MetaLearner):
     _extra_checks = {"memory_efficient": lambda n, v: check_choice(n, str(v), {"True", "False"})}
 
     def _make_rule(self):
-        return Unrolled(self.inner_lr_, self.inner_steps, query_objective,
-                        memory_efficient=self.memory_efficient)
+        return Unrolled(self.inner_, memory_efficient=bool(self.memory_efficient), full_stats=self.full_history)
 
 
 @_doc
@@ -198,7 +218,7 @@ class FOMAML(MetaLearner):
     __init__ = estimator_init(**COMMON_PARAMS)
 
     def _make_rule(self):
-        return FirstOrder(self.inner_lr_, self.inner_steps)
+        return FirstOrder(self.inner_, full_stats=self.full_history)
 
 
 @_doc
@@ -242,7 +262,7 @@ class Reptile(MetaLearner):
     Nichol, Achiam, Schulman. On first-order meta-learning algorithms. arXiv:1803.02999, 2018.
     """
 
-    __init__ = estimator_init(**COMMON_PARAMS, outer_stepsize=None, inner_data="support", inner_shots=None)
+    __init__ = estimator_init(**_WITHOUT_SUBSET, outer_stepsize=None, inner_data="support", inner_shots=None)
     _extra_checks = {"outer_stepsize": lambda n, v: v is None or _step_size(n, v),
                      "inner_data": lambda n, v: check_choice(n, v, ("support", "task")),
                      "inner_shots": lambda n, v: v is None or check_number(n, v, low=1, integer=True)}
@@ -254,7 +274,7 @@ class Reptile(MetaLearner):
         if self.inner_shots is not None and self.task_type_ != "classification":
             raise ValueError("inner_shots batches the inner loop by class: it needs a classification "
                              f"sampler, got a {self.task_type_} one; leave inner_shots=None")
-        return ReptileRule(self.inner_lr_, self.inner_steps, self.inner_data, self.inner_shots)
+        return ReptileRule(self.inner_, self.inner_data, self.inner_shots, full_stats=self.full_history)
 
 
 #: Parameters of the implicit solvers' inner problem (ten inner steps: see IMAML's Notes).
@@ -269,15 +289,11 @@ class _ProximalInnerProblem(MetaLearner):
     _extra_checks = {"lam": _positive, "damping": _non_negative,
                      "backtracking": lambda n, v: check_choice(n, str(v), {"True", "False"})}
 
-    def _inner_lam(self):
+    def _lam(self):
         return float(self.lam)
 
-    def _inner_solver(self):
-        return proximal_descent if self.backtracking else inner_loop
-
-    def _implicit_rule(self, solve, iters, tol, kwargs):
-        return Implicit(self.inner_lr_, self.inner_steps, float(self.lam), solve, iters, tol, kwargs,
-                        damping=float(self.damping), backtracking=bool(self.backtracking))
+    def _implicit_rule(self, solve):
+        return Implicit(self.inner_, solve, damping=float(self.damping), full_stats=self.full_history)
 
 
 @_doc
@@ -353,7 +369,7 @@ class IMAML(_ProximalInnerProblem):
     _extra_checks = {**_ProximalInnerProblem._extra_checks, "cg_steps": _count, "cg_tol": _non_negative}
 
     def _make_rule(self):
-        return self._implicit_rule(linalg.cg, self.cg_steps, self.cg_tol, {})
+        return self._implicit_rule(linalg.solve_cg(maxiter=int(self.cg_steps), tol=self.cg_tol, warm_start=True))
 
 
 @_doc
@@ -418,8 +434,7 @@ class NeumannMAML(_ProximalInnerProblem):
 
     def _make_rule(self):
         lr = self.neumann_lr if self.neumann_lr == "auto" else float(self.neumann_lr)
-        return self._implicit_rule(linalg.neumann, self.neumann_terms, None,
-                                   {"lr": lr, "stop_on_growth": True})
+        return self._implicit_rule(linalg.solve_neumann(terms=int(self.neumann_terms), lr=lr, stop_on_growth=True))
 
 
 @_doc
@@ -456,4 +471,5 @@ class PenaltyMAML(MetaLearner):
 
     def _make_rule(self):
         objective = functools.partial(penalty_objective, penalty=float(self.penalty))
-        return Unrolled(self.inner_lr_, self.inner_steps, objective, memory_efficient=self.memory_efficient)
+        return Unrolled(self.inner_, objective, memory_efficient=bool(self.memory_efficient),
+                        full_stats=self.full_history)

@@ -5,6 +5,10 @@ operator ``M`` to ``v`` (a tensor or a dict of tensors) and ``SolveResult`` hold
 solution of ``M x = b`` with the number of iterations and the final residual norm
 ``||b - M x||``. Damping is applied by wrapping ``matvec`` (see :func:`damped`), never inside a
 solver, so the solvers are interchangeable values.
+
+The meta-gradient rules take a *configured* solve, ``solve(matvec, b) -> SolveResult``, as
+TorchOpt's ``linear_solve`` and jaxopt's ``solve_cg`` do: :func:`solve_cg`, :func:`solve_neumann`,
+:func:`solve_minres` and :func:`solve_dense` build one from a solver and its settings.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from ._tree import Vector, tree_axpy, tree_dot, tree_map, tree_norm, tree_zeros_like
+from .tree import Vector, tree_axpy, tree_dot, tree_map, tree_norm, tree_zeros_like
 
 __all__ = ["SolveResult", "cg", "cg_normal", "minres", "neumann", "spectral_radius", "dense", "damped",
-           "SOLVERS"]
+           "SOLVERS", "solve_cg", "solve_neumann", "solve_minres", "solve_dense"]
 
 
 class SolveResult(NamedTuple):
@@ -267,3 +271,46 @@ def dense(matvec: Callable, b: Vector, *, maxiter: int | None = None, tol: float
 
 
 SOLVERS = {"cg": cg, "cg_normal": cg_normal, "minres": minres, "neumann": neumann, "dense": dense}
+
+
+class _Configured:
+    """``solve(matvec, b)``: ``solver(matvec, b, **settings)``, with ``init=b`` when ``from_rhs``."""
+
+    def __init__(self, name, solver, from_rhs=False, **settings):
+        self.name, self.solver, self.from_rhs, self.settings = name, solver, from_rhs, settings
+
+    def __call__(self, matvec: Callable, b: Vector) -> SolveResult:
+        return self.solver(matvec, b, init=b if self.from_rhs else None, **self.settings)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
+        return f"{self.name}({args}{', warm_start=True' if self.from_rhs else ''})"
+
+    def __eq__(self, other):
+        return isinstance(other, _Configured) and repr(self) == repr(other)
+
+    def __hash__(self):
+        return hash(repr(self))
+
+
+def solve_cg(*, maxiter: int = 10, tol: float | None = 1e-10, warm_start: bool = True) -> Callable:
+    """Conjugate gradient (:func:`cg`) as a configured solve; ``warm_start`` starts it from ``b``
+    (for ``M = I + H/lam``, the first-order answer) instead of zero."""
+    return _Configured("solve_cg", cg, warm_start, maxiter=maxiter, tol=tol)
+
+
+def solve_neumann(*, terms: int = 4, lr: float | str = 1.0, stop_on_growth: bool = True,
+                  power_iters: int = 4) -> Callable:
+    """The truncated Neumann series (:func:`neumann`) with ``terms`` terms as a configured solve."""
+    return _Configured("solve_neumann", neumann, maxiter=terms, lr=lr, stop_on_growth=stop_on_growth,
+                       power_iters=power_iters)
+
+
+def solve_minres(*, maxiter: int = 100, tol: float | None = 1e-10) -> Callable:
+    """MINRES (:func:`minres`) as a configured solve."""
+    return _Configured("solve_minres", minres, maxiter=maxiter, tol=tol)
+
+
+def solve_dense() -> Callable:
+    """The exact dense solve (:func:`dense`), for small problems and tests."""
+    return _Configured("solve_dense", dense)

@@ -8,7 +8,9 @@ Every solver, at training time and in ``adapt``, goes through these few function
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 from typing import Callable
 
 import torch
@@ -16,10 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
-from ._tree import Params
+from .tree import Params
 
-__all__ = ["FunctionalModel", "TaskLoss", "BatchedTaskLoss", "LOSSES", "value_and_grad", "inner_loop",
-           "proximal_descent", "make_hvp"]
+__all__ = ["FunctionalModel", "TaskLoss", "BatchedTaskLoss", "LOSSES", "value_and_grad", "make_hvp"]
 
 
 def _direct_plan(module: nn.Module):
@@ -37,7 +38,7 @@ def _direct_plan(module: nn.Module):
     Subclasses (which may override ``forward``), any other layer type and modules with forward
     hooks (which only a call through the module runs) get ``None``.
     """
-    from .models import MLP, Conv4, MaxPool2x2
+    from ..models import MLP, Conv4, MaxPool2x2
 
     if type(module) not in (Conv4, MLP, nn.Sequential) or any(True for _ in module.buffers()):
         return None
@@ -122,6 +123,50 @@ def _batched_forward(plan, params: Params, x: Tensor) -> Tensor:
     return x
 
 
+_RANDOMNESS = threading.local()  # .generator: where the dropout layers of this thread draw masks
+
+
+class _SeededDropout(nn.Module):
+    """``nn.Dropout`` (``channels=False``) or ``nn.Dropout1d/2d/3d`` (``channels=True``: one mask
+    entry per example and channel) drawing its masks from the generator of
+    :meth:`FunctionalModel.seeded`, and the identity outside it (inference)."""
+
+    def __init__(self, p: float, channels: bool):
+        super().__init__()
+        self.p, self.channels = float(p), channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        gen = getattr(_RANDOMNESS, "generator", None)
+        if gen is None or self.p == 0:
+            return x
+        if self.p == 1:
+            return x * 0
+        shape = (*x.shape[:2], *([1] * (x.dim() - 2))) if self.channels else x.shape
+        keep = torch.rand(shape, generator=gen, device=x.device, dtype=x.dtype) >= self.p
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+
+_DROPOUT = {nn.Dropout: False, nn.Dropout1d: True, nn.Dropout2d: True, nn.Dropout3d: True}
+
+
+def _seed_dropout(module: nn.Module) -> bool:
+    """Replace, in place, every dropout layer of ``module`` by a :class:`_SeededDropout`; return
+    whether any has ``p > 0``. Alpha dropout (which draws from the global generator and keeps
+    SELU's statistics) is refused."""
+    random = False
+    for name, child in list(module.named_children()):
+        if type(child) in _DROPOUT:
+            setattr(module, name, _SeededDropout(child.p, _DROPOUT[type(child)]))
+            random |= child.p > 0
+        elif isinstance(child, (nn.AlphaDropout, nn.FeatureAlphaDropout)):
+            raise ValueError(f"{type(child).__name__} layers are not supported: fewshot draws dropout masks "
+                             "from the estimator's own generator, which it does for nn.Dropout and "
+                             "nn.Dropout1d/2d/3d only")
+        else:
+            random |= _seed_dropout(child)
+    return random
+
+
 class FunctionalModel:
     """A pure-function view ``f(params, x)`` of an :class:`nn.Module`.
 
@@ -130,15 +175,68 @@ class FunctionalModel:
     reference networks of :mod:`fewshot.models` are evaluated layer by layer with
     ``torch.nn.functional`` (see :func:`_direct_plan`); any other module through
     ``torch.func.functional_call``.
+
+    The model boundary, for any module:
+
+    - The copy runs in training mode: BatchNorm normalises every batch with its own statistics,
+      in meta-training and adaptation alike (as MAML does).
+    - Buffers are constants: read, never written. Each call gets fresh copies, so BatchNorm's
+      running statistics are neither updated nor used, and calls from many threads do not race.
+    - ``nn.Dropout`` and ``nn.Dropout1d/2d/3d`` layers draw their masks from the generator set by
+      :meth:`seeded` (the estimator's own, seeded from ``random_state``; never torch's global
+      generator) and are the identity outside it: predictions are repeatable. Alpha dropout is
+      refused; randomness drawn inside ``forward`` from the global generator (``F.dropout``,
+      ``torch.rand``) is detected by :meth:`draws_global_randomness`.
     """
 
     def __init__(self, module: nn.Module):
         self.module = copy.deepcopy(module).train()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self.random = _seed_dropout(self.module)
         self.buffers = {k: v for k, v in self.module.named_buffers()}
         self._plan = _direct_plan(self.module)
         self._batch_plan = _batched_plan(self._plan)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def seeded(generator: torch.Generator | None):
+        """Dropout masks of this thread's forward passes come from ``generator`` inside the block
+        (``None``: dropout off)."""
+        previous = getattr(_RANDOMNESS, "generator", None)
+        _RANDOMNESS.generator = generator
+        try:
+            yield
+        finally:
+            _RANDOMNESS.generator = previous
+
+    def draws_global_randomness(self, params: Params, x: Tensor) -> bool:
+        """Whether a forward pass on ``x`` changes torch's global random state (the CPU generator
+        and, for CUDA inputs, the device's): the module draws random numbers fewshot cannot seed."""
+        cuda = x.device.type == "cuda"
+        before = torch.random.get_rng_state(), (torch.cuda.get_rng_state(x.device) if cuda else None)
+        with torch.no_grad(), self.seeded(torch.Generator(x.device).manual_seed(0)):
+            self(params, x)
+        after = torch.random.get_rng_state(), (torch.cuda.get_rng_state(x.device) if cuda else None)
+        changed = not torch.equal(before[0], after[0]) or (cuda and not torch.equal(before[1], after[1]))
+        if changed:  # put the user's global state back as it was
+            torch.random.set_rng_state(before[0])
+            if cuda:
+                torch.cuda.set_rng_state(before[1], x.device)
+        return changed
+
+    def split_index(self, names) -> int | None:
+        """The first layer that holds one of the parameters ``names``, when the network runs layer
+        by layer and that layer is not the first (so the layers before it, none of them holding
+        one of ``names``, can run once on their own); ``None`` otherwise."""
+        if self._plan is None:
+            return None
+        owners = [i for i, (_, prefix) in enumerate(self._plan) if any(n.startswith(prefix) for n in names)]
+        return min(owners) if owners and min(owners) > 0 else None
+
+    def layers(self, start: int, stop: int | None = None) -> "_Layers":
+        """Layers ``start .. stop - 1`` of the network as a function ``f(params, x)``."""
+        return _Layers(self, start, stop)
 
     def init_params(self, device=None, dtype=None) -> Params:
         return {k: v.detach().clone().to(device=device, dtype=dtype)
@@ -174,8 +272,22 @@ class FunctionalModel:
         """``f(params, x)`` through the module itself (``functional_call``), so that its forward
         hooks run."""
         if self.buffers:
-            return functional_call(self.module, (params, self.buffers), (x,))
+            buffers = {k: v.clone() for k, v in self.buffers.items()}  # constants: writes are dropped
+            return functional_call(self.module, (params, buffers), (x,))
         return functional_call(self.module, params, (x,))
+
+
+class _Layers:
+    """A contiguous run of a :class:`FunctionalModel`'s layers, called like the model."""
+
+    def __init__(self, fmodel: FunctionalModel, start: int, stop: int | None):
+        self.fmodel, self.start, self.stop = fmodel, start, stop
+
+    def __call__(self, params: Params, x: Tensor) -> Tensor:
+        return _direct_forward(self.fmodel._plan[self.start:self.stop], params, x)
+
+    def batched(self, params: Params, x: Tensor) -> Tensor:
+        return _batched_forward(self.fmodel._batch_plan[self.start:self.stop], params, x)
 
 
 def _accuracy(out: Tensor, y: Tensor) -> Tensor:
@@ -200,11 +312,32 @@ class TaskLoss:
 
     ``__call__`` returns the scalar loss (what is differentiated); ``with_aux`` returns
     ``(loss, (loss, metric))`` for ``torch.func.grad(..., has_aux=True)``, where the metric is
-    accuracy for classification and the loss itself otherwise.
+    accuracy for classification and the loss itself otherwise. ``hvp_mode`` is the kind of
+    Hessian-vector product (:func:`make_hvp`) the rules use with it, chosen once by whoever runs
+    the meta-step.
     """
 
-    def __init__(self, fmodel: FunctionalModel, loss: Callable, metric: Callable | None):
-        self.fmodel, self.loss, self.metric = fmodel, loss, metric
+    def __init__(self, fmodel: FunctionalModel, loss: Callable, metric: Callable | None,
+                 hvp_mode: str = "fwdrev"):
+        self.fmodel, self.loss, self.metric, self.hvp_mode = fmodel, loss, metric, hvp_mode
+        self._splits = {}
+
+    def split(self, names):
+        """``(features, head_loss)`` when the network splits before every parameter in ``names``
+        (:meth:`FunctionalModel.split_index`): ``features(params, x)`` runs the layers before the
+        split and ``head_loss`` is this loss of the layers from it on, so that
+        ``self(params, x, y) == head_loss(params, features(params, x), y)``; else ``None``."""
+        names = tuple(names)
+        if names not in self._splits:
+            i = self.fmodel.split_index(names) if isinstance(self.fmodel, FunctionalModel) else None
+            self._splits[names] = None if i is None else (
+                self._run(self.fmodel.layers(0, i)),
+                type(self)(self.fmodel.layers(i), self.loss, self.metric, self.hvp_mode))
+        return self._splits[names]
+
+    @staticmethod
+    def _run(layers):
+        return layers
 
     def __call__(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         return self.loss(self.fmodel(params, x), y)
@@ -249,6 +382,10 @@ class BatchedTaskLoss(TaskLoss):
     would then couple the tasks).
     """
 
+    @staticmethod
+    def _run(layers):
+        return layers.batched
+
     def __call__(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         return _batched_loss(self.loss, self.fmodel.batched(params, x), y).sum()
 
@@ -281,105 +418,25 @@ def value_and_grad(fn: Callable, params: Params, *, create_graph: bool = False):
     return dict(zip(names, grads)), aux
 
 
-def inner_loop(task_loss: TaskLoss, theta: Params, x: Tensor, y: Tensor, *, lr: float, steps: int,
-               lam: float | None = None, keep_path: bool = False, create_graph: bool = False):
-    """``steps`` of gradient descent on the support loss from ``theta``.
+def make_hvp(fn: Callable, params: Params, mode: str = "fwdrev"):
+    """The Hessian-vector product ``v -> H v`` of the scalar function ``fn`` at ``params``.
 
-    ``phi_0 = theta``, ``phi_{j+1} = phi_j - lr * grad L(phi_j)``, where ``L`` is the support loss,
-    plus ``lam/2 ||phi - theta||^2`` when ``lam`` is given (iMAML's regularised inner problem; the
-    proximal centre ``theta`` is a constant of the inner problem).
-
-    ``create_graph=True`` keeps the whole unrolled loop differentiable in ``theta`` (which must then
-    require grad; explicit MAML differentiates ``phi_k`` through it, and through the proximal
-    centre); otherwise no graph is kept and the iterates are plain tensors. Returns
-    ``(phi_k, (loss_0, metric_0), path)``: the support loss and metric at ``theta`` (before
-    adaptation; ``None`` if ``steps == 0``) and, with ``keep_path``, the list
-    ``[phi_0, ..., phi_{k-1}]`` of iterates (for the reverse recursion of memory-efficient MAML).
-    """
-    phi, first, path = theta, None, []
-    for step in range(steps):
-        if keep_path:
-            path.append(phi)
-        g, aux = value_and_grad(lambda p: task_loss.with_aux(p, x, y), phi, create_graph=create_graph)
-        if step == 0:
-            first = aux
-        with torch.set_grad_enabled(create_graph):
-            if lam is None:
-                phi = {k: phi[k] - lr * g[k] for k in phi}
-            else:
-                phi = {k: phi[k] - lr * (g[k] + lam * (phi[k] - theta[k])) for k in phi}
-    if not create_graph:
-        phi = {k: v.detach() for k, v in phi.items()}
-    return phi, first, path
-
-
-#: Sufficient-decrease constant of :func:`proximal_descent`'s backtracking (Armijo's condition).
-ARMIJO_C = 1e-4
-
-
-def proximal_descent(task_loss: TaskLoss, theta: Params, x: Tensor, y: Tensor, *, lr: float, steps: int,
-                     lam: float, max_halvings: int = 30):
-    """``steps`` of gradient descent with backtracking on iMAML's proximal inner problem.
-
-    Minimises ``G(phi) = L(phi) + lam/2 ||phi - theta||^2`` (``L`` the support loss) from
-    ``phi_0 = theta``. Step ``j`` tries ``phi_j - t grad G(phi_j)`` with ``t = lr`` and halves ``t``
-    until Armijo's condition ``G(trial) <= G(phi_j) - ARMIJO_C * t ||grad G(phi_j)||^2`` holds; if it
-    fails ``max_halvings`` times the loop stops at ``phi_j``. So ``G`` never increases, whatever the
-    curvature: plain gradient descent with a fixed step diverges once the curvature of ``G`` exceeds
-    ``2 / lr``, which the implicit meta-gradient, blind to the inner loop, does not prevent. Where
-    ``lr`` is small enough for the curvature, no step is halved and the iterates are those of
-    :func:`inner_loop` with ``lam``; ``lam=0`` is backtracking gradient descent on ``L`` alone.
-    ``task_loss`` needs only ``with_aux``. No graph is kept. Returns
-    ``(phi, (loss_0, metric_0), [])`` like :func:`inner_loop`.
-    """
-    theta = {k: v.detach() for k, v in theta.items()}
-
-    def objective(phi):
-        g, aux = value_and_grad(lambda p: task_loss.with_aux(p, x, y), phi)
-        with torch.no_grad():
-            value = aux[0] + lam / 2 * sum(torch.sum((phi[k] - theta[k]) ** 2) for k in phi)
-            g = {k: g[k] + lam * (phi[k] - theta[k]) for k in phi}
-        return value, g, aux
-
-    if steps == 0:
-        return theta, None, []
-    phi = theta
-    value, g, first = objective(phi)
-    for _ in range(steps):
-        slope = sum(torch.sum(v * v) for v in g.values())
-        t = lr
-        for _ in range(max_halvings + 1):
-            with torch.no_grad():
-                trial = {k: phi[k] - t * g[k] for k in phi}
-            trial_value, trial_g, _ = objective(trial)
-            if bool(trial_value <= value - ARMIJO_C * t * slope):  # False for NaN: halve
-                break
-            t /= 2
-        else:
-            break
-        phi, value, g = trial, trial_value, trial_g
-    return phi, first, []
-
-
-def make_hvp(task_loss: TaskLoss, params: Params, x: Tensor, y: Tensor, mode: str = "fwdrev"):
-    """The Hessian-vector product ``v -> H v`` of the task loss at ``params``.
-
-    ``mode="fwdrev"``: forward-over-reverse, ``jvp(grad(L), (params,), (v,))``; each product
+    ``mode="fwdrev"``: forward-over-reverse, ``jvp(grad(fn), (params,), (v,))``; each product
     re-runs the forward and backward passes but keeps no graph between products.
     ``mode="revrev"``: reverse-over-reverse; the gradient graph is built once and each product is
     one more backward pass through it (cheaper per product, holds the graph while alive).
     """
     if mode == "fwdrev":
-        grad_fn = grad(task_loss)
+        grad_fn = grad(fn)
 
         def hvp(v: Params) -> Params:
-            return jvp(lambda p: grad_fn(p, x, y), (params,), (v,))[1]
+            return jvp(grad_fn, (params,), (v,))[1]
 
         return hvp
     if mode == "revrev":
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
-            g = torch.autograd.grad(task_loss(leaves, x, y), list(leaves.values()), create_graph=True)
+            g = torch.autograd.grad(fn(leaves), list(leaves.values()), create_graph=True)
         names = list(leaves)
 
         def hvp(v: Params) -> Params:

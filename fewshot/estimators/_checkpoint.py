@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._validation import check_number
+from .._validation import check_number
 
 __all__ = ["FORMAT", "VERSION", "FREE_PARAMS", "check_options", "describe_params", "make_state",
-           "save", "load"]
+           "save", "load", "save_training", "restore_training"]
 
 FORMAT = "fewshot.meta_fit.checkpoint"
 VERSION = 1
@@ -145,6 +145,8 @@ def load(path: Path, estimator, params: dict) -> dict:
         raise ValueError(f"checkpoint {path} was written by {state['solver']}, not by {solver}; resume "
                          f"it with a {state['solver']} constructed with the same parameters")
     saved, current = json.loads(state["params"]), describe_params(estimator)
+    if "inner_params" in current:  # written before the parameter existed: every parameter adapted
+        saved.setdefault("inner_params", None)
     names = sorted((set(saved) | set(current)) - FREE_PARAMS)
     diff = [n for n in names if saved.get(n, "<missing>") != current.get(n, "<missing>")]
     if diff:
@@ -166,3 +168,30 @@ def load(path: Path, estimator, params: dict) -> dict:
                          + ", ".join(f"{k} {shapes.get(k)} in the checkpoint vs {expected.get(k)}"
                                      for k in bad))
     return state
+
+
+def save_training(estimator, path, world, params, optimizer, streams) -> None:
+    """Write ``estimator``'s training state after ``n_iter_`` steps (a collective: every process
+    calls it; the main process writes)."""
+    from . import _distributed
+
+    states = _distributed.gather_stream_states(world, streams)
+    if world.is_main:
+        save(path, make_state(estimator, params, optimizer, states))
+
+
+def restore_training(estimator, path, world, params, optimizer):
+    """Restore the state saved at ``path`` into the freshly built ``params`` and ``optimizer`` and
+    the estimator's ``history_`` and ``n_iter_``; return the task generators of this process's
+    shards."""
+    from . import _distributed
+
+    state = load(path, estimator, params)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state["meta_params"][k])
+    optimizer.load_state_dict(state["optimizer"])
+    estimator.history_ = {k: list(v) for k, v in state["history"].items()}
+    estimator.n_iter_ = int(state["n_iter"])
+    _distributed.check_agree(world, estimator.n_iter_, "the checkpoint's step count")
+    return _distributed.streams_from_checkpoint(world, state["task_rng_states"], path)
