@@ -14,6 +14,7 @@ import dataclasses
 
 from .core import linalg
 from .core.rules import Implicit, ReptileRule, Unrolled
+from .core.inner import network_params
 from .core.tree import Params, tree_dot, tree_norm
 from .estimators._base import MetaLearner
 from .tasks import as_task_batch
@@ -99,6 +100,9 @@ def meta_gradient_fidelity(estimators, tasks, *, params: Params | None = None, e
     params : dict of str to Tensor, optional
         The shared meta-parameters; default the first estimator's ``params_``. Cast to each
         estimator's device and dtype (use ``dtype="float64"`` estimators for tight comparisons).
+        The network's parameters must match every estimator's; an estimator's own inner-problem
+        meta-parameters (Meta-SGD's and MAML++'s learned steps) are taken from ``params`` when it
+        holds them and from the estimator's ``params_`` otherwise, and compared like the weights.
     exact_cg_steps, exact_cg_tol : int, float
         Iteration budget and relative tolerance of the ``"implicit"`` reference's solves (CG or
         MINRES; they stop at the tolerance). The residual each reference reached is reported
@@ -152,8 +156,8 @@ def meta_gradient_fidelity(estimators, tasks, *, params: Params | None = None, e
     batch = as_task_batch(tasks)
     theta = named[0][1].params_ if params is None else params
     for name, est in named:
-        mine = {k: tuple(v.shape) for k, v in est.params_.items()}
-        given = {k: tuple(v.shape) for k, v in theta.items()}
+        mine = {k: tuple(v.shape) for k, v in network_params(est.params_).items()}
+        given = {k: tuple(v.shape) for k, v in network_params(theta).items()}
         if mine != given:
             raise ValueError(f"{name}: params do not match its model: expected {mine}, got {given}")
 
@@ -161,12 +165,15 @@ def meta_gradient_fidelity(estimators, tasks, *, params: Params | None = None, e
     rows = []
     for name, est in named:
         device, dtype = est._device_dtype()
-        point = {k: theta[k].detach().to(device, dtype) for k in est.params_}
+        # the shared network weights; the inner problem's own meta-parameters (learned steps,
+        # per-step copies) from params where it has them, else from the estimator
+        point = {k: (theta[k] if k in theta else v).detach().to(device, dtype) for k, v in est.params_.items()}
         grads = est.meta_gradient(batch, params=point)
         moved = batch.to(device, dtype)
+        own = len(point) > len(network_params(point))
         for ref_name, (key, rule) in _references(est, rules[name], exact_cg_steps, exact_cg_tol).items():
             key = (*key, str(device), dtype, est.loss_ if isinstance(est.loss_, str) else id(est.loss_),
-                   id(type(est.fmodel_.module)))
+                   id(type(est.fmodel_.module)), id(est) if own else None)
             if key not in cache:
                 cache[key] = est._per_task(rule, point, moved)
             exact = [{k: v.detach() for k, v in ge.items()} for ge, _ in cache[key]]

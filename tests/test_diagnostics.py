@@ -115,3 +115,19 @@ def test_implicit_reference_solves_systems_that_cg_cannot(sampler, tasks):
     tight = by_key(meta_gradient_fidelity([est], tasks, exact_cg_steps=300))[("IMAML", "implicit")]
     assert tight["reference_residual_max"] < 1e-10
     assert tight["cosine_mean"] == pytest.approx(row["cosine_mean"], abs=1e-6)
+
+
+def test_fidelity_of_estimators_with_learned_steps_beside_plain_ones():
+    """Meta-SGD and MAML++ have more meta-parameters than MAML: the shared point fixes the network's
+    weights, their learned steps come from their own params_, and their exact references are
+    through their own inner problems (Meta-SGD's gradient is exactly its reference; MAML++ in its
+    multi-step-loss phase is not)."""
+    import fewshot
+    from fewshot.diagnostics import meta_gradient_fidelity
+
+    sampler = fewshot.tasks.SinusoidTasks(k_shot=5, n_query=5)
+    ests = [cls(meta_steps=0, inner_steps=2, dtype="float64", random_state=0).meta_fit(sampler)
+            for cls in (fewshot.MAML, fewshot.MetaSGD, fewshot.MAMLPlusPlus)]
+    rows = {r["method"]: r for r in meta_gradient_fidelity(ests, sampler.sample(3, random_state=0))}
+    assert rows["MetaSGD"]["rel_error_mean"] < 1e-12 and rows["MAML"]["rel_error_mean"] < 1e-12
+    assert rows["MAMLPlusPlus"]["rel_error_mean"] > 1e-3

@@ -70,6 +70,26 @@ def test_an_inner_loop_that_raises_the_support_loss_stops_training():
     assert not ReptileRule(inner, "task").fits_support and not ReptileRule(inner, shots=1).fits_support
 
 
+def test_the_breakdown_count_carries_over_resumed_and_warm_started_fits(tmp_path):
+    """The 20-step count of rising support losses spans fits: a run in chunks of 7 meta-steps
+    (checkpoint resumes, or warm starts) stops at the same meta-step as one uninterrupted fit."""
+    from torch import nn
+
+    from fewshot.tasks import LinearRegressionTasks
+
+    sampler = LinearRegressionTasks(n_features=8, k_shot=10, n_query=10)
+    kw = dict(model=nn.Sequential(nn.Linear(8, 1)), inner_steps=1, meta_batch_size=4, random_state=0,
+              inner_lr=1.0)
+    path = tmp_path / "run.pt"
+    with pytest.raises(DivergenceError, match="broke down at meta-step 20"):
+        for total in range(7, 41, 7):
+            fewshot.MAML(meta_steps=total, **kw).meta_fit(sampler, checkpoint=path)
+    warm = fewshot.MAML(meta_steps=7, warm_start=True, **kw)
+    with pytest.raises(DivergenceError, match="broke down at meta-step 20"):
+        for _ in range(6):
+            warm.meta_fit(sampler)
+
+
 def test_grad_clip_bounds_the_update():
     sampler = SinusoidTasks()
     est = fewshot.FOMAML(meta_optimizer="sgd", meta_lr=1.0, grad_clip=1e-3, meta_steps=1,

@@ -451,6 +451,67 @@ def test_mamlpp_without_msl_and_da_is_maml():
         assert all(float(g[k].abs().max()) > 0 for k in g)  # the rates get a gradient too
 
 
+def _bn_clusters_estimator(**extra):
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+    with torch.no_grad():  # weights and biases away from BatchNorm's 1 and 0, so every term shows
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + 0.3)
+    sampler = GaussianClusterTasks(n_features=16)
+    est = fewshot.MAMLPlusPlus(model=model, multi_step_loss_steps=4, inner_lr=0.3, inner_steps=3, meta_steps=0,
+                               dtype="float64", random_state=0, **extra).meta_fit(sampler)
+    return est, sampler.sample(2, random_state=5).to(dtype=DT)
+
+
+def test_mamlpp_per_step_bn_with_equal_copies_is_mamlpp_without_them():
+    """With every per-step copy equal to the batch-norm parameter it copies, BNWB computes the same
+    function as adapting only the other layers, so the copies' gradients add up to the shared
+    parameter's gradient there and every other gradient is unchanged; the copies are not adapted
+    (the adapted network uses copy k)."""
+    bnwb, batch = _bn_clusters_estimator(per_step_bn=True)
+    plain, _ = _bn_clusters_estimator(inner_params=["0", "3"])
+    stepped = ("1.weight", "1.bias")
+    assert bnwb.inner_.stepped(bnwb.params_) == stepped
+    assert all(f"inner_step.{j}.{n}" in bnwb.params_ for j in (1, 2, 3) for n in stepped)
+    assert not set(stepped) & set(bnwb.inner_.adapted(bnwb.params_))
+    for g, h in zip(bnwb.meta_gradient(batch), plain.meta_gradient(batch, params=plain.params_)):
+        for name in plain.params_:
+            expected = h[name]
+            got = g[name] + sum(g[f"inner_step.{j}.{name}"] for j in (1, 2, 3)) if name in stepped else g[name]
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        assert all(float(g[f"inner_step.{j}.{n}"].abs().max()) > 0 for j in (1, 2, 3) for n in stepped)
+    adapted = bnwb.inner_.run(bnwb._task_loss, bnwb.params_, batch[0].support.x, batch[0].support.y).phi
+    assert all(torch.equal(adapted[n], bnwb.params_[f"inner_step.3.{n}"]) for n in stepped)
+
+
+def test_mamlpp_per_step_bn_gradient_matches_finite_differences():
+    est, batch = _bn_clusters_estimator(per_step_bn=True)
+    theta = {k: v.clone() for k, v in est.params_.items()}
+    task = batch[0]
+    rule = est._rule().for_step(0)
+    g, _ = rule(est._task_loss, theta, task)
+    gen = torch.Generator().manual_seed(1)
+
+    def objective(th):
+        inner = est.inner_  # the multi-step loss of meta-step 0, by running the loop without a graph
+        phis, total = [], 0.0
+        for k in range(1, inner.steps + 1):
+            phis.append(inner.run(est._task_loss, th, task.support.x, task.support.y, steps=k).phi)
+        for w, phi in zip(rule.step_weights, phis):
+            total = total + w * est._task_loss(phi, task.query.x, task.query.y)
+        return float(total)
+
+    eps = 1e-6
+    for name in ("inner_step.2.1.weight", "inner_step.3.1.bias", "1.weight", "inner_lr.0.weight"):
+        d = torch.randn(theta[name].shape, generator=gen, dtype=DT)
+        plus = {**theta, name: theta[name] + eps * d}
+        minus = {**theta, name: theta[name] - eps * d}
+        fd = (objective(plus) - objective(minus)) / (2 * eps)
+        assert abs(fd - float(torch.sum(g[name] * d))) <= 1e-6 * max(1.0, abs(fd)), name
+
+
 def test_mamlpp_step_weights_on_the_last_step_only_is_the_plain_rule():
     _, tl, theta, tasks = classification_setup("mlp")
     k = 3

@@ -8,11 +8,11 @@ A new solver is a :class:`MetaGradientRule` on an :class:`InnerProblem`; a new i
 
 from . import linalg
 from .functional import LOSSES, BatchedTaskLoss, FunctionalModel, TaskLoss, make_hvp, value_and_grad
-from .inner import LR_PREFIX, InnerProblem, InnerResult, network_params
+from .inner import LR_PREFIX, STEP_PREFIX, InnerProblem, InnerResult, network_params
 from .rules import (FirstOrder, Implicit, MetaGradientRule, ReptileRule, Unrolled, penalty_objective,
                     query_objective, task_stats)
 
 __all__ = ["FunctionalModel", "TaskLoss", "BatchedTaskLoss", "LOSSES", "value_and_grad", "make_hvp",
-           "InnerProblem", "InnerResult", "LR_PREFIX", "network_params", "MetaGradientRule", "Unrolled",
+           "InnerProblem", "InnerResult", "LR_PREFIX", "STEP_PREFIX", "network_params", "MetaGradientRule", "Unrolled",
            "FirstOrder", "ReptileRule", "Implicit", "query_objective", "penalty_objective", "task_stats",
            "linalg"]

@@ -8,7 +8,9 @@ steps. Every meta-gradient rule (:mod:`fewshot.core.rules`), an estimator's ``ad
 meta-training and test-time adaptation cannot drift apart.
 
 Meta-parameters ``theta`` are a dict: the network's parameters under their module names, plus any
-meta-parameters of the inner problem itself under :data:`LR_PREFIX` (``"inner_lr.<parameter>"``).
+meta-parameters of the inner problem itself: learned steps under :data:`LR_PREFIX`
+(``"inner_lr.<parameter>"``) and per-step copies of parameters under :data:`STEP_PREFIX`
+(``"inner_step.<j>.<parameter>"``).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from torch import Tensor
 from .functional import value_and_grad
 from .tree import Params
 
-__all__ = ["InnerProblem", "InnerResult", "LR_PREFIX", "LEARNED_LRS", "ARMIJO_C", "network_params"]
+__all__ = ["InnerProblem", "InnerResult", "LR_PREFIX", "STEP_PREFIX", "LEARNED_LRS", "ARMIJO_C", "network_params"]
 
 #: Key prefix of learned inner learning rates in a meta-parameter dict.
 LR_PREFIX = "inner_lr."
+#: Key prefix of per-step copies of network parameters (``"inner_step.<j>.<parameter>"``).
+STEP_PREFIX = "inner_step."
 #: ``learn_lr`` choices: the shape of each adapted parameter's learned step.
 LEARNED_LRS = ("per_parameter", "per_layer_per_step")
 #: Sufficient-decrease constant of the backtracking line search (Armijo's condition).
@@ -36,8 +40,9 @@ Selection = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 
 def network_params(theta: Params) -> Params:
-    """The network's parameters in ``theta`` (every key outside :data:`LR_PREFIX`)."""
-    return {k: v for k, v in theta.items() if not k.startswith(LR_PREFIX)}
+    """The network's parameters in ``theta`` (every key outside :data:`LR_PREFIX` and
+    :data:`STEP_PREFIX`)."""
+    return {k: v for k, v in theta.items() if not k.startswith((LR_PREFIX, STEP_PREFIX))}
 
 
 class InnerResult(NamedTuple):
@@ -93,8 +98,13 @@ class InnerProblem:
       ``theta["inner_lr.<name>"]`` of length ``steps`` (MAML++'s LSLR; ``a_j`` is its entry ``j``,
       the last one for steps beyond ``steps`` at test time).
 
-    Learned steps start at ``lr`` (:meth:`meta_parameters`) and are meta-parameters like the
-    weights: a rule that differentiates through the loop (:class:`~fewshot.core.rules.Unrolled`)
+    ``per_step`` names network parameters that are not adapted but take a separate meta-learned
+    value at each step (MAML++'s per-step batch-norm weights and biases): step ``j`` evaluates
+    the support loss with ``theta["inner_step.<j>.<name>"]`` (``theta[name]`` itself at step 0)
+    and the adapted network uses copy ``k`` (the last copy beyond ``steps``).
+
+    Learned steps and per-step copies start at ``lr`` and at the parameter's value
+    (:meth:`meta_parameters`) and are meta-parameters like the weights: a rule that differentiates through the loop (:class:`~fewshot.core.rules.Unrolled`)
     gives their gradient. ``backtracking=True`` halves a step until the (proximal) objective
     decreases by Armijo's condition (:meth:`run`); it is for rules that do not differentiate the
     loop (the implicit ones) and for ``adapt``, and needs the scalar ``lr``.
@@ -116,6 +126,8 @@ class InnerProblem:
         (``"head"`` selects ``head.weight`` and ``head.bias``); or those for which
         ``adapt(name)`` is true.
     learn_lr : None, "per_parameter" or "per_layer_per_step", default=None
+    per_step : None, str, sequence of str or callable, default=None
+        Parameters with a meta-learned copy per step (selected as ``adapt`` selects); never adapted.
     lam : float or None, default=None
         Proximal weight.
     backtracking : bool, default=False
@@ -127,35 +139,58 @@ class InnerProblem:
     lr: float
     adapt: Selection = None
     learn_lr: str | None = None
+    per_step: Selection = None
     lam: float | None = None
     backtracking: bool = False
     max_halvings: int = 30
 
     def __post_init__(self):
-        if isinstance(self.adapt, list):
-            object.__setattr__(self, "adapt", tuple(self.adapt))
+        for name in ("adapt", "per_step"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.learn_lr is not None and self.learn_lr not in LEARNED_LRS:
             raise ValueError(f"learn_lr must be None or one of {list(LEARNED_LRS)}, got {self.learn_lr!r}")
-        if self.backtracking and self.learn_lr is not None:
-            raise ValueError("backtracking searches the scalar step lr; it cannot be combined with learned "
-                             f"steps (learn_lr={self.learn_lr!r})")
+        if self.backtracking and (self.learn_lr is not None or self.per_step is not None):
+            raise ValueError("backtracking searches the scalar step lr on one loss; it cannot be combined with "
+                             "learned steps or per-step parameters")
 
     # ------------------------------------------------------------------ which parameters
     def adapted(self, theta: Params) -> tuple:
         """Names of the adapted network parameters of ``theta``, in ``theta``'s order."""
-        return _resolve(self.adapt, tuple(k for k in theta if not k.startswith(LR_PREFIX)))
+        names = tuple(network_params(theta))
+        chosen = _resolve(self.adapt, names)
+        if self.per_step is None:
+            return chosen
+        stepped = set(self.stepped(theta))
+        chosen = tuple(n for n in chosen if n not in stepped)
+        if not chosen:
+            raise ValueError("every adapted parameter is also a per-step parameter: nothing is left to adapt")
+        return chosen
+
+    def stepped(self, theta: Params) -> tuple:
+        """Names of the network parameters with per-step copies (empty without ``per_step``)."""
+        if self.per_step is None:
+            return ()
+        return _resolve(self.per_step, tuple(network_params(theta)))
+
+    def _at_step(self, theta: Params, name: str, j: int):
+        """The value of per-step parameter ``name`` at step ``j``."""
+        return theta[name] if j == 0 else theta[f"{STEP_PREFIX}{min(j, max(self.steps, 1))}.{name}"]
 
     def meta_parameters(self, weights: Params) -> Params:
-        """The inner problem's own meta-parameters for a network with parameters ``weights`` (the
-        learned steps at their initial value ``lr``; empty for a fixed step)."""
-        if self.learn_lr is None:
-            return {}
-        names = self.adapted(weights)
+        """The inner problem's own meta-parameters for a network with parameters ``weights``: the
+        learned steps at their initial value ``lr`` and the per-step copies at the parameters'
+        values (empty for a fixed step and no per-step parameters)."""
+        names, extra = self.adapted(weights), {}
         if self.learn_lr == "per_parameter":
-            return {LR_PREFIX + n: torch.full_like(weights[n], float(self.lr)) for n in names}
-        like = weights[names[0]]
-        return {LR_PREFIX + n: torch.full((max(self.steps, 1),), float(self.lr), dtype=like.dtype,
-                                          device=like.device) for n in names}
+            extra.update({LR_PREFIX + n: torch.full_like(weights[n], float(self.lr)) for n in names})
+        elif self.learn_lr == "per_layer_per_step":
+            like = weights[names[0]]
+            extra.update({LR_PREFIX + n: torch.full((max(self.steps, 1),), float(self.lr), dtype=like.dtype,
+                                                    device=like.device) for n in names})
+        for j in range(1, max(self.steps, 1) + 1):
+            extra.update({f"{STEP_PREFIX}{j}.{n}": weights[n].detach().clone() for n in self.stepped(weights)})
+        return extra
 
     def _step(self, theta: Params, name: str, j: int, g: Tensor):
         if self.learn_lr is None:
@@ -186,19 +221,22 @@ class InnerProblem:
                                  "do not differentiate the loop (the implicit ones) or set backtracking=False")
             return self._descend(task_loss, theta, x, y, k)
         weights = network_params(theta)
-        names = self.adapted(weights)
+        names, stepped = self.adapted(weights), self.stepped(theta)
         fixed = {n: v for n, v in weights.items() if n not in names}
         if not create_graph:
             fixed = {n: v.detach() for n, v in fixed.items()}
-        loss, x = _on_features(task_loss, names, weights, fixed, x, create_graph)
+            theta = {n: v.detach() for n, v in theta.items()} if stepped else theta
+        # per-step parameters change the whole network at every step: no features to reuse
+        loss, x = (task_loss, x) if stepped else _on_features(task_loss, names, weights, fixed, x, create_graph)
         centre = {n: weights[n] for n in names}
         phi, first, path = dict(centre), None, []
         for j in range(k):
+            at_j = {**fixed, **{n: self._at_step(theta, n, j) for n in stepped}}
             if keep_path:
-                path.append({**weights, **phi})
+                path.append({**weights, **at_j, **phi})
 
-            def objective(p):
-                return loss.with_aux({**fixed, **p}, x, y)
+            def objective(p, at_j=at_j):
+                return loss.with_aux({**at_j, **p}, x, y)
 
             g, aux = value_and_grad(objective, phi, create_graph=create_graph and not first_order)
             if j == 0:
@@ -209,6 +247,7 @@ class InnerProblem:
                 phi = {n: phi[n] - self._step(theta, n, j, g[n]) * g[n] for n in names}
         if not create_graph:
             phi = {n: v.detach() for n, v in phi.items()}
+        phi.update({n: self._at_step(theta, n, k) for n in stepped})
         return InnerResult({n: phi.get(n, v if create_graph else v.detach()) for n, v in weights.items()},
                            first, path)
 

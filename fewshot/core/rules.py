@@ -162,7 +162,7 @@ class Unrolled(MetaGradientRule):
             raise ValueError("Unrolled differentiates the inner loop, which backtracking makes "
                              "non-differentiable: use an InnerProblem with backtracking=False")
         plain = (self.inner.adapt is None and self.inner.learn_lr is None and self.inner.lam is None
-                 and self.step_weights is None and not self.first_order)
+                 and self.inner.per_step is None and self.step_weights is None and not self.first_order)
         if self.memory_efficient and not plain:
             raise ValueError("memory_efficient unrolling supports the plain inner loop only (every "
                              "parameter adapted, a fixed scalar step, no proximal term, no step weights, "
@@ -220,9 +220,9 @@ class FirstOrder(MetaGradientRule):
     batchable = True
 
     def __post_init__(self):
-        if self.inner.learn_lr is not None:
-            raise ValueError("FirstOrder gives no gradient for learned inner steps; use "
-                             "Unrolled(inner, first_order=True)")
+        if self.inner.learn_lr is not None or self.inner.per_step is not None:
+            raise ValueError("FirstOrder gives no gradient for learned inner steps or per-step parameters; "
+                             "use Unrolled(inner, first_order=True)")
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support
@@ -260,7 +260,7 @@ class ReptileRule(MetaGradientRule):
     full_stats: bool = field(default=True, kw_only=True)
 
     def __post_init__(self):
-        if self.inner.adapt is not None or self.inner.learn_lr is not None:
+        if self.inner.adapt is not None or self.inner.learn_lr is not None or self.inner.per_step is not None:
             raise ValueError("Reptile moves theta towards the adapted parameters: it needs every parameter "
                              "adapted with a fixed step (inner_params=None, no learned steps)")
 
@@ -334,9 +334,9 @@ class Implicit(MetaGradientRule):
     def __post_init__(self):
         if self.inner.lam is None:
             raise ValueError("Implicit needs a proximal inner problem (InnerProblem(lam=...))")
-        if self.inner.learn_lr is not None:
-            raise ValueError("the implicit gradient does not depend on the inner steps, so learned steps "
-                             "would get no gradient: use a fixed step with Implicit")
+        if self.inner.learn_lr is not None or self.inner.per_step is not None:
+            raise ValueError("the implicit gradient does not depend on the inner steps, so learned steps or "
+                             "per-step parameters would get no gradient: use a fixed step with Implicit")
 
     def __call__(self, task_loss: TaskLoss, theta: Params, task):
         xs, ys = task.support

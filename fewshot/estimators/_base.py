@@ -23,7 +23,7 @@ from ._params import (AUTO_INNER_LR, COMMON_PARAMS, LR_SCHEDULES, OPTIMIZERS, es
                       validate_common)
 from .. import models as _models
 from ..core.functional import LOSSES, FunctionalModel, TaskLoss
-from ..core.inner import LR_PREFIX, InnerProblem
+from ..core.inner import LR_PREFIX, STEP_PREFIX, InnerProblem
 from ..core.tree import Params, tree_norm
 from .._validation import check_choice, check_labeled_set, check_number
 from ..exceptions import DivergenceError, NotFittedError
@@ -37,8 +37,8 @@ class MetaLearner(BaseEstimator):
 
     Subclasses set ``__init__ = estimator_init(**COMMON_PARAMS, ...)`` and implement
     ``_make_rule()``, the per-task meta-gradient rule (:mod:`fewshot.core.rules`) on ``self.inner_``;
-    ``_learn_lr`` (the inner problem's learned steps) and ``_lam()`` (its proximal weight) say how
-    their inner problem differs from plain gradient descent.
+    ``_learn_lr`` (the inner problem's learned steps), ``_per_step()`` (its per-step parameters) and
+    ``_lam()`` (its proximal weight) say how their inner problem differs from plain gradient descent.
     """
 
     _solver_type = "meta"
@@ -104,10 +104,10 @@ class MetaLearner(BaseEstimator):
         return {**weights, **self.inner_.meta_parameters(weights)}
 
     def _check_model(self, weights, n_out, device, dtype):
-        clash = [k for k in weights if k.startswith(LR_PREFIX)]
+        clash = [k for k in weights if k.startswith((LR_PREFIX, STEP_PREFIX))]
         if clash:
-            raise ValueError(f"the model's parameters {clash} start with {LR_PREFIX!r}, the prefix of "
-                             "learned inner learning rates; rename that submodule")
+            raise ValueError(f"the model's parameters {clash} start with {LR_PREFIX!r} or {STEP_PREFIX!r}, the "
+                             "prefixes of the inner problem's meta-parameters; rename that submodule")
         x = torch.zeros((2, *self.input_shape_), device=device, dtype=dtype)
         try:
             # first, and alone: it puts the global random state back; a plain forward pass of such a
@@ -132,11 +132,15 @@ class MetaLearner(BaseEstimator):
         """Proximal weight of the inner problem (``None``: plain support loss)."""
         return None
 
+    def _per_step(self):
+        """Parameters of the inner problem with a meta-learned copy per step (``None``: none)."""
+        return None
+
     def _inner_problem(self, weights: Params) -> InnerProblem:
         """The inner problem of meta-training and ``adapt`` (``inner_params`` resolved: see
         :func:`_select`)."""
         inner = InnerProblem(int(self.inner_steps), self.inner_lr_, _select(self, weights), self._learn_lr,
-                             self._lam(), bool(getattr(self, "backtracking", False)))
+                             self._per_step(), self._lam(), bool(getattr(self, "backtracking", False)))
         inner.adapted(weights)  # a name that matches nothing fails here
         return inner
 
@@ -225,7 +229,7 @@ class MetaLearner(BaseEstimator):
         target = self.meta_steps if path is not None else self.n_iter_ + self.meta_steps
         shards = _distributed.shard_sampler(task_sampler, world)
         elapsed0 = self.history_["time"][-1] if self.history_.get("time") else 0.0
-        start, first_step, self._inner_loop_rising = time.perf_counter(), self.n_iter_, 0
+        start, first_step, self._inner_loop_rising = time.perf_counter(), self.n_iter_, self._rising_run()
         progress = (_progress.progress_bar(self.verbose, max(target - self.n_iter_, 0), type(self).__name__)
                     if world.is_main else None)
         try:
@@ -342,6 +346,17 @@ class MetaLearner(BaseEstimator):
                 f"restart from a checkpoint taken earlier with a smaller meta_lr or inner_lr (or, for "
                 f"IMAML, more damping).",
                 step=self.n_iter_ + 1, solver=type(self).__name__, last_finite=self._last_record())
+
+    def _rising_run(self) -> int:
+        """Consecutive meta-steps at the end of ``history_`` whose adaptation raised the support
+        loss: a resumed or warm-started fit continues the count of the one before it."""
+        pre, post = self.history_.get("support_loss_pre", []), self.history_.get("support_loss_post", [])
+        run = 0
+        for a, b in zip(reversed(pre), reversed(post)):
+            if not b > a:
+                break
+            run += 1
+        return run
 
     def _last_record(self):
         return {k: v[-1] for k, v in self.history_.items()} if self.history_ else {}

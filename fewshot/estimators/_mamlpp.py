@@ -6,9 +6,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from ..core.inner import InnerProblem
 from ..core.rules import MetaGradientRule, Unrolled
-from .._validation import check_number
+from .._validation import check_choice, check_number
 from ._base import MetaLearner
 from ._params import COMMON_PARAMS, estimator_init
 from ._solvers import _doc
@@ -81,8 +83,11 @@ class MAMLPlusPlus(MetaLearner):
     (tested; the rates still learn unless ``meta_lr`` leaves them, so MAML++ differs from MAML
     after the first step).
 
-    Not included: per-step batch-normalisation weights and biases (BNWB) and per-step running
-    statistics (BNRS): fewshot normalises every batch with its own statistics, as MAML does.
+    ``per_step_bn=True`` gives every batch-normalisation layer's weight and bias a meta-learned copy
+    per inner step (BNWB; ``params_["inner_step.<j>.<name>"]`` for steps 1..k, the parameter
+    itself for step 0, copy k for the adapted network), which the inner loop does not adapt. Not
+    included: per-step running statistics (BNRS): fewshot normalises every batch with its own
+    statistics, as MAML does.
 
     Parameters
     ----------
@@ -91,6 +96,8 @@ class MAMLPlusPlus(MetaLearner):
         Meta-steps over which the multi-step loss is annealed (0: the final step's loss only).
     first_order_steps : int, default=0
         Meta-steps computed to first order at the start (derivative-order annealing).
+    per_step_bn : bool, default=False
+        Per-step batch-normalisation weights and biases (BNWB, above).
     {attributes}
     References
     ----------
@@ -106,10 +113,22 @@ class MAMLPlusPlus(MetaLearner):
     """
 
     __init__ = estimator_init(**{**COMMON_PARAMS, "meta_lr_schedule": "cosine"}, multi_step_loss_steps=200,
-                              first_order_steps=0)
+                              first_order_steps=0, per_step_bn=False)
     _extra_checks = {"multi_step_loss_steps": functools.partial(check_number, low=0, integer=True),
-                     "first_order_steps": functools.partial(check_number, low=0, integer=True)}
+                     "first_order_steps": functools.partial(check_number, low=0, integer=True),
+                     "per_step_bn": lambda n, v: check_choice(n, str(v), {"True", "False"})}
     _learn_lr = "per_layer_per_step"
+
+    def _per_step(self):
+        if not self.per_step_bn:
+            return None
+        names = tuple(f"{module}.{p}" if module else p for module, m in self.fmodel_.module.named_modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                      for p in ("weight", "bias") if getattr(m, p, None) is not None)
+        if not names:
+            raise ValueError("per_step_bn=True needs batch-normalisation layers with affine weights; the model "
+                             "has none")
+        return names
 
     def _make_rule(self):
         return MultiStepSchedule(self.inner_, int(self.multi_step_loss_steps), int(self.first_order_steps),
