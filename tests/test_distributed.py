@@ -28,9 +28,10 @@ WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     torch.set_default_dtype({default_dtype})  # the test process's (networks are built in it)
     out, checkpoint = sys.argv[1], sys.argv[2]
+    {model_source}
     dist.init_process_group("gloo")  # MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE from the environment
     try:
-        est = fewshot.MAML(**{params})
+        est = fewshot.{solver}(**{params}, **model_params())
         est.meta_fit(SinusoidTasks(k_shot=5, n_query=5), checkpoint=checkpoint, checkpoint_every=2)
         torch.save({{"params": est.params_, "history": est.history_, "n_iter": est.n_iter_}},
                    f"{{out}}.rank{{dist.get_rank()}}")
@@ -48,9 +49,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, world_size=2, timeout=120):
+#: The MAML run uses the default network; the Meta-SGD run a network with Dropout, so that its
+#: learned steps are all-reduced and its dropout masks are drawn per shard.
+MODEL_SOURCES = {
+    "MAML": "def model_params(): return {}",
+    "MetaSGD": "def model_params():\n"
+               "        import torch.nn as nn\n"
+               "        from fewshot.models import init_parameters\n"
+               "        net = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))\n"
+               "        return {'model': init_parameters(net, torch.Generator().manual_seed(0))}",
+}
+
+
+def _model_params(solver):
+    scope = {"torch": torch}
+    exec(textwrap.dedent("    " + MODEL_SOURCES[solver]), scope)
+    return scope["model_params"]()
+
+
+def _launch(tmp_path, world_size=2, timeout=120, solver="MAML"):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(params=repr(PARAMS), default_dtype=torch.get_default_dtype()))
+    script.write_text(WORKER.format(params=repr(PARAMS), default_dtype=torch.get_default_dtype(), solver=solver,
+                                    model_source=MODEL_SOURCES[solver]))
     port = _free_port()
     procs = []
     for rank in range(world_size):
@@ -97,6 +117,21 @@ def test_two_processes_match_one_process_with_the_same_shards(two_ranks):
     # ... and it is not the one-process stream (rank 1 drew other tasks than shard 0 does alone).
     single = fewshot.MAML(**PARAMS).meta_fit(sampler)
     assert not all(torch.allclose(single.params_[k], v) for k, v in reference.params_.items())
+
+
+def test_learned_steps_and_dropout_masks_across_two_processes(tmp_path):
+    """Meta-SGD on a network with Dropout in two processes: the learned steps are all-reduced with
+    the weights (identical on both ranks) and the masks are drawn per shard, as one process
+    simulating the two draws them."""
+    rank0, rank1 = _launch(tmp_path, solver="MetaSGD")
+    assert any(k.startswith("inner_lr.") for k in rank0["params"])
+    for k in rank0["params"]:
+        assert torch.equal(rank0["params"][k], rank1["params"][k])
+    sampler = SinusoidTasks(k_shot=5, n_query=5)
+    with simulated_world(2):
+        reference = fewshot.MetaSGD(**PARAMS, **_model_params("MetaSGD")).meta_fit(sampler)
+    for k, v in reference.params_.items():
+        assert_close(rank0["params"][k], v, rtol=0, atol=1e-5)
 
 
 def test_checkpoint_of_two_processes_resumes_in_one_simulated_process(two_ranks):

@@ -234,3 +234,17 @@ def test_omniglot_split_keeps_rotations_of_a_character_together(tmp_path, monkey
             assert torch.equal(part._images.view(part.n_classes, 20, -1)[i], images[j])
         batch = part.sample(2, random_state=0)
         assert batch.support.x.shape == (2, 3, 1, 28, 28)
+
+
+def test_search_over_estimators_with_learned_steps(sinusoid):
+    """Meta-SGD's and MAML++'s learned steps are meta-parameters like the weights: parallel
+    candidates return them, and the refitted best estimator holds them."""
+    for est, grid in ((fewshot.MetaSGD(meta_steps=3, meta_batch_size=2, random_state=0), {"inner_lr": [0.01, 0.02]}),
+                      (fewshot.MAMLPlusPlus(meta_steps=3, inner_steps=2, meta_batch_size=2, random_state=0),
+                       {"multi_step_loss_steps": [0, 2]})):
+        one = MetaGridSearch(est, grid, n_tasks=10, n_jobs=1, random_state=0).meta_fit(sinusoid, sinusoid)
+        two = MetaGridSearch(est, grid, n_tasks=10, n_jobs=2, random_state=0).meta_fit(sinusoid, sinusoid)
+        np.testing.assert_array_equal(one.cv_results_["mean_test_score"], two.cv_results_["mean_test_score"])
+        learned = [k for k in one.best_estimator_.params_ if k.startswith("inner_lr.")]
+        assert learned and all(torch.equal(one.best_estimator_.params_[k], two.best_estimator_.params_[k])
+                               for k in one.best_estimator_.params_)
