@@ -12,9 +12,11 @@ from torch.func import vmap
 
 from ..core.functional import FunctionalModel
 from ..core.tree import Params
-from .._validation import check_inputs, check_targets
+from .._validation import check_inputs, check_labeled_set, check_number, check_targets
+from ..exceptions import NotFittedError
+from ..tasks import TaskSampler, as_task_batch
 
-__all__ = ["AdaptedModel", "Evaluation", "confidence_interval"]
+__all__ = ["AdaptedModel", "Evaluation", "Adaptation", "confidence_interval"]
 
 
 class Evaluation(NamedTuple):
@@ -118,3 +120,70 @@ class AdaptedModel:
         if self.task_type == "classification":
             return float((out.argmax(-1) == y).double().mean())
         return -float(((out - y.reshape(out.shape).to(out.dtype)) ** 2).mean())
+
+
+class Adaptation:
+    """``adapt``, ``evaluate`` and ``score`` of a fitted estimator, on its inner problem ``inner_``
+    (a mixin of :class:`~fewshot.estimators._base.MetaLearner`)."""
+
+    def _device_dtype(self):
+        p = next(iter(self.params_.values()))
+        return p.device, p.dtype
+
+    def _adapt_steps(self):
+        return self.inner_steps if self.adapt_steps is None else self.adapt_steps
+
+    def _adapt_params(self, support) -> Params:
+        """The inner problem's answer on ``support`` (``adapt_steps`` steps, dropout off)."""
+        return self.inner_.run(self._task_loss, self.params_, support.x, support.y, steps=self._adapt_steps()).phi
+
+    def adapt(self, support) -> AdaptedModel:
+        """Adapt the meta-parameters to one task's ``support`` set (a ``LabeledSet`` or ``(x, y)``).
+
+        Runs the estimator's inner problem ``inner_`` (``adapt_steps``, default ``inner_steps``;
+        dropout layers off, so the result is a function of the support set) and returns a new
+        :class:`AdaptedModel`; the estimator is not changed.
+        """
+        self._check_fitted()
+        device, dtype = self._device_dtype()
+        support = check_labeled_set(support, input_shape=self.input_shape_, task_type=self.task_type_,
+                                    n_outputs=self.n_outputs_, name="support", require_all_classes=True)
+        return self._adapted(support.to(device, dtype), device, dtype)
+
+    def _adapted(self, support, device, dtype) -> AdaptedModel:
+        """Adapt to a support set already validated and on the estimator's device and dtype."""
+        return AdaptedModel(self.fmodel_, self._adapt_params(support), task_type=self.task_type_,
+                            n_outputs=self.n_outputs_, input_shape=self.input_shape_, support=support,
+                            transductive=self.transductive, dtype=dtype, device=device)
+
+    def evaluate(self, tasks, *, n_tasks=600, random_state=0) -> Evaluation:
+        """Adapt to each task's support set and score its query set.
+
+        ``tasks`` is a :class:`~fewshot.tasks.TaskSampler` (``n_tasks`` tasks are drawn with
+        ``random_state``, so the same seed gives the same pool for every estimator), a
+        :class:`~fewshot.tasks.TaskBatch`, a :class:`~fewshot.tasks.Task` or a list of tasks.
+        """
+        self._check_fitted()
+        if isinstance(tasks, TaskSampler):
+            check_number("n_tasks", n_tasks, low=1, integer=True)
+            tasks = tasks.sample(n_tasks, random_state=random_state)
+        device, dtype = self._device_dtype()
+        batch = self._check_batch(as_task_batch(tasks).to(device, dtype), name="tasks")  # checked once
+        scores = [self._adapted(task.support, device, dtype)._score(task.query.x, task.query.y)
+                  for task in batch]
+        mean, ci = confidence_interval(scores)
+        return Evaluation(mean, ci, np.asarray(scores))
+
+    def score(self, tasks, n_tasks=600, random_state=0) -> float:
+        """Mean query accuracy (classification) or negative MSE (regression) after adaptation over
+        held-out tasks; :meth:`evaluate` also gives the 95% confidence interval."""
+        return self.evaluate(tasks, n_tasks=n_tasks, random_state=random_state).mean
+
+    def _check_fitted(self):
+        # sklearn's check_is_fitted insists on a `fit` method; meta-learners have `meta_fit`.
+        if not hasattr(self, "params_"):
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. Call "
+                                 "'meta_fit' with a task sampler before using this estimator.")
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "params_")
