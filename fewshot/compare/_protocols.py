@@ -165,6 +165,13 @@ PROTOCOLS = {
                     "Reptile": {"inner_data": "task", "inner_shots": 1, "meta_lr_schedule": "linear"},
                     # Adam 5e-3, chosen on validation tasks over 1e-3 (docs/results.md, "The meta step").
                     "PenaltyMAML": {"meta_lr": 5e-3},
+                    # The shared inner loop (steps of 0.4, 5 in meta-training, 10 at test, 5 training
+                    # queries per class, Adam 1e-3), with MAML++'s own cosine schedule and 200-step
+                    # multi-step loss; learned steps start at 0.4. One 2,000-step run each, scored on
+                    # validation and test tasks (docs/results.md); no other setting compared yet.
+                    "ANIL": {},
+                    "MetaSGD": {},
+                    "MAMLPlusPlus": {},
                 },
             },
             # The small default of `fewshot compare`: minutes on a CPU for all ten estimators
