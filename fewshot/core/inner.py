@@ -154,6 +154,12 @@ class InnerProblem:
             raise ValueError("backtracking searches the scalar step lr on one loss; it cannot be combined with "
                              "learned steps or per-step parameters")
 
+    @property
+    def has_meta_parameters(self) -> bool:
+        """Whether the inner problem has meta-parameters of its own (learned steps or per-step
+        copies), which only a rule that differentiates the loop gives a gradient."""
+        return self.learn_lr is not None or self.per_step is not None
+
     # ------------------------------------------------------------------ which parameters
     def adapted(self, theta: Params) -> tuple:
         """Names of the adapted network parameters of ``theta``, in ``theta``'s order."""

@@ -220,7 +220,7 @@ class FirstOrder(MetaGradientRule):
     batchable = True
 
     def __post_init__(self):
-        if self.inner.learn_lr is not None or self.inner.per_step is not None:
+        if self.inner.has_meta_parameters:
             raise ValueError("FirstOrder gives no gradient for learned inner steps or per-step parameters; "
                              "use Unrolled(inner, first_order=True)")
 
@@ -260,7 +260,7 @@ class ReptileRule(MetaGradientRule):
     full_stats: bool = field(default=True, kw_only=True)
 
     def __post_init__(self):
-        if self.inner.adapt is not None or self.inner.learn_lr is not None or self.inner.per_step is not None:
+        if self.inner.adapt is not None or self.inner.has_meta_parameters:
             raise ValueError("Reptile moves theta towards the adapted parameters: it needs every parameter "
                              "adapted with a fixed step (inner_params=None, no learned steps)")
 
@@ -334,7 +334,7 @@ class Implicit(MetaGradientRule):
     def __post_init__(self):
         if self.inner.lam is None:
             raise ValueError("Implicit needs a proximal inner problem (InnerProblem(lam=...))")
-        if self.inner.learn_lr is not None or self.inner.per_step is not None:
+        if self.inner.has_meta_parameters:
             raise ValueError("the implicit gradient does not depend on the inner steps, so learned steps or "
                              "per-step parameters would get no gradient: use a fixed step with Implicit")
 
