@@ -1,6 +1,7 @@
 """Tasks, meta-batches and task families (samplers)."""
 
 from ._base import LabeledSet, Task, TaskBatch, TaskSampler, as_task_batch, check_generator
+from ._labeled import LabeledTasks
 from ._synthetic import GaussianClusterTasks, LinearRegressionTasks, SinusoidTasks
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "SinusoidTasks",
     "LinearRegressionTasks",
     "GaussianClusterTasks",
+    "LabeledTasks",
 ]

@@ -258,6 +258,21 @@ class TaskSampler:
             f"{type(self).__name__} provides no pooled pre-training data, which FineTune needs"
         )
 
+    # The class pool, for class-disjoint splits (fewshot.model_selection.meta_train_test_split).
+    def class_groups(self) -> list[list[int]] | None:
+        """The classes of a fixed pool (indices ``0 .. n_classes - 1``), in the groups that a
+        class-disjoint split keeps on one side; ``None`` when the family has no fixed class pool
+        (regression families, whose tasks are independent draws).
+
+        A sampler that returns groups also implements :meth:`restrict_classes`.
+        """
+        return None
+
+    def restrict_classes(self, classes) -> "TaskSampler":
+        """A sampler of the same kind that draws its tasks from the classes ``classes`` (indices
+        into the pool) only."""
+        raise TypeError(f"{type(self).__name__} has no fixed pool of classes to restrict")
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._repr_args().items())
         return f"{type(self).__name__}({args})"

@@ -3,6 +3,7 @@ classification."""
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 
@@ -180,6 +181,22 @@ class GaussianClusterTasks(TaskSampler):
         y = torch.randint(self.n_classes, (batch_size,), generator=gen)
         x = self.centres[y] + self.noise * torch.randn((batch_size, self.n_features), generator=gen)
         return LabeledSet(x, y).to(device)
+
+    def class_groups(self):
+        """Each cluster centre is a class of its own."""
+        return [[c] for c in range(self.n_classes)]
+
+    def restrict_classes(self, classes):
+        """A copy whose pool is the centres ``classes`` (indices), in that order."""
+        classes = torch.as_tensor(classes, dtype=torch.int64).flatten()
+        if classes.numel() < self.n_way or classes.unique().numel() != classes.numel() or (
+                classes.numel() and not (0 <= int(classes.min()) and int(classes.max()) < self.n_classes)):
+            raise ValueError(f"classes must be at least n_way={self.n_way} distinct indices in "
+                             f"[0, {self.n_classes}), got {classes.tolist()}")
+        part = copy.copy(self)
+        part.centres = self.centres[classes]
+        part.n_classes = part.n_pretrain_outputs = classes.numel()
+        return part
 
     def _repr_args(self):
         return {"n_way": self.n_way, "k_shot": self.k_shot, "n_query": self.n_query,
