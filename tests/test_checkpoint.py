@@ -258,3 +258,24 @@ def test_meta_lr_schedule_is_validated(sampler):
         make(fewshot.MAML, meta_lr_schedule="step").meta_fit(sampler)
     with pytest.raises(ValueError, match="meta_lr_horizon"):
         make(fewshot.MAML, meta_lr_schedule="linear", meta_lr_horizon=0).meta_fit(sampler)
+
+
+def test_checkpoint_written_before_a_parameter_existed_resumes_with_its_old_behaviour(sampler, tmp_path):
+    """A checkpoint without ``per_step_bn`` (written before MAML++ had it) was written without
+    per-step batch-norm weights: it resumes an estimator with ``per_step_bn=False`` and is refused
+    by one with ``per_step_bn=True``."""
+    import json
+
+    path = tmp_path / "ckpt.pt"
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8, track_running_stats=False),
+                              torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    make(fewshot.MAMLPlusPlus, meta_steps=2, model=net).meta_fit(sampler, checkpoint=path)
+    state = torch.load(path, weights_only=True)
+    params = json.loads(state["params"])
+    del params["per_step_bn"], params["inner_params"]
+    state["params"] = json.dumps(params)
+    torch.save(state, path)
+    resumed = make(fewshot.MAMLPlusPlus, meta_steps=3, model=net).meta_fit(sampler, checkpoint=path)
+    assert resumed.n_iter_ == 3
+    with pytest.raises(ValueError, match=r"per_step_bn: checkpoint False, estimator True"):
+        make(fewshot.MAMLPlusPlus, meta_steps=4, per_step_bn=True, model=net).meta_fit(sampler, checkpoint=path)

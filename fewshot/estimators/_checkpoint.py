@@ -35,6 +35,10 @@ VERSION = 1
 #: resumes it: the total step target, logging, placement, and warm_start (a checkpoint always
 #: resumes from the file).
 FREE_PARAMS = frozenset({"meta_steps", "verbose", "device", "warm_start"})
+#: Parameters added after checkpoints of this format were first written, with the behaviour the
+#: estimators had before (every parameter adapted; MAML++ without per-step batch-norm weights):
+#: a checkpoint that lacks one was written with that value.
+ADDED_PARAMS = {"inner_params": None, "per_step_bn": False}
 
 
 def check_options(checkpoint, checkpoint_every):
@@ -145,8 +149,9 @@ def load(path: Path, estimator, params: dict) -> dict:
         raise ValueError(f"checkpoint {path} was written by {state['solver']}, not by {solver}; resume "
                          f"it with a {state['solver']} constructed with the same parameters")
     saved, current = json.loads(state["params"]), describe_params(estimator)
-    if "inner_params" in current:  # written before the parameter existed: every parameter adapted
-        saved.setdefault("inner_params", None)
+    for name, before in ADDED_PARAMS.items():  # written before the parameter existed
+        if name in current:
+            saved.setdefault(name, before)
     names = sorted((set(saved) | set(current)) - FREE_PARAMS)
     diff = [n for n in names if saved.get(n, "<missing>") != current.get(n, "<missing>")]
     if diff:
