@@ -93,6 +93,19 @@ def _build_parser() -> argparse.ArgumentParser:
                    metavar="[SOLVER.]PARAM=VALUE",
                    help="any estimator parameter, e.g. --set IMAML.lam=2 --set adapt_steps=20 "
                         "(repeatable; without SOLVER it applies to every solver that has PARAM)")
+    g = p.add_argument_group("your own images (--dataset folder)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder with one subfolder of images per class (nested groups allowed)")
+    g.add_argument("--image-size", type=_positive_int, default=None, help="resize to N x N (default: 28)")
+    g.add_argument("--mode", choices=["L", "RGB"], default=None,
+                   help="grayscale (L) or colour (RGB) (default: L)")
+    g.add_argument("--invert", action="store_true", default=None,
+                   help="use 255 - value (dark strokes on light paper become 1 on 0, as Omniglot)")
+    g.add_argument("--val-size", type=float, default=None,
+                   help="fraction of the class groups for validation (default: 0.2)")
+    g.add_argument("--test-size", type=float, default=None,
+                   help="fraction of the class groups for meta-testing (default: 0.2)")
+    g.add_argument("--split-seed", type=int, default=None, help="seed of the class split (default: 0)")
     g = p.add_argument_group("running")
     g.add_argument("--threads", type=_positive_int, default=2,
                    help="torch.set_num_threads in each solver process (default: 2)")
@@ -128,6 +141,8 @@ def _compare(args) -> int:
         meta_steps=args.meta_steps, meta_batch_size=args.meta_batch_size,
         inner_steps=args.inner_steps, inner_lr=args.inner_lr, meta_lr=args.meta_lr,
         eval_tasks=args.eval_tasks, device=args.device, seed=args.seed, set_params=set_params,
+        data_dir=args.data_dir, image_size=args.image_size, mode=args.mode, invert=args.invert,
+        val_size=args.val_size, test_size=args.test_size, split_seed=args.split_seed,
         threads=args.threads, chunk_size=args.chunk_size, fidelity_tasks=args.fidelity_tasks,
         force=args.force, quiet=args.quiet, isolate=not args.in_process, table_only=args.table_only)
     print(runner.format_table(result.results))

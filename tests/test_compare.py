@@ -138,7 +138,7 @@ def load_estimator(path):
     checkpoint = path / "checkpoint.pt"
     n_iter = torch.load(checkpoint, weights_only=True)["n_iter"]
     est = _compare._run_estimator(spec).set_params(meta_steps=n_iter)
-    return est.meta_fit(_compare.make_samplers(spec)[0], checkpoint=checkpoint)
+    return est.meta_fit(_compare.make_samplers(spec).train, checkpoint=checkpoint)
 
 
 def assert_same_training(a, b):
@@ -167,7 +167,7 @@ def test_interrupted_solver_resumes_bit_identically(tmp_path):
     assert resumed["scores"] == straight["scores"]
     assert_same_training(load_estimator(interrupted), load_estimator(straight_dir))
     # ... and equal to one plain meta_fit call with the same parameters
-    train, _ = _compare.make_samplers(config)
+    train = _compare.make_samplers(config).train
     plain = fewshot.IMAML(**config["solvers"]["IMAML"]).meta_fit(train)
     assert_same_training(load_estimator(interrupted), plain)
     assert load_estimator(interrupted).get_params() == plain.get_params()
@@ -202,7 +202,7 @@ def test_killed_comparison_resumes_where_it_stopped(tmp_path):
     assert result["sessions"] == 2 and result["meta_steps"] == 80
     config = _protocols.resolve("tuned", "sinusoid", ["FOMAML"],
                                 dict(meta_steps=80, meta_batch_size=2, inner_steps=1))
-    plain = fewshot.FOMAML(**config["solvers"]["FOMAML"]).meta_fit(_compare.make_samplers(config)[0])
+    plain = fewshot.FOMAML(**config["solvers"]["FOMAML"]).meta_fit(_compare.make_samplers(config).train)
     assert_same_training(load_estimator(checkpoint.parent), plain)
 
 
@@ -380,7 +380,7 @@ def test_a_solver_entry_sets_its_own_training_query_size(tmp_path, monkeypatch):
     specs = {n: json.loads((tmp_path / "a" / n / "config.json").read_text()) for n in ("MAML", "FOMAML")}
     shared = table["tuned"]["datasets"]["sinusoid"]["shared"]["n_query"]
     assert (specs["MAML"]["n_query"], specs["FOMAML"]["n_query"]) == (shared, 3)
-    train, test = _compare.make_samplers(specs["FOMAML"])  # what the solver's run trained on
+    train, test, _ = _compare.make_samplers(specs["FOMAML"])  # what the solver's run trained on
     assert train.sample(random_state=0).query.x.shape[0] == 3
     assert test.sample(random_state=0).query.x.shape[0] == specs["FOMAML"]["eval_query"]
     # a command-line query size wins over the solver's entry, as over every protocol value
@@ -416,7 +416,7 @@ def test_scheduled_run_spans_all_chunks_and_is_not_extended(tmp_path):
               quiet=True, isolate=False, threads=1, set_params={"FOMAML": {"meta_lr_schedule": "linear"}})
     run_comparison(["FOMAML"], meta_steps=5, out=tmp_path / "a", chunk_size=2, **kw)
     config = json.loads((tmp_path / "a" / "FOMAML" / "config.json").read_text())
-    train, _ = _compare.make_samplers(config)
+    train = _compare.make_samplers(config).train
     plain = fewshot.FOMAML(**config["params"])
     assert_same_training(load_estimator(tmp_path / "a" / "FOMAML"), plain.meta_fit(train))
     with pytest.raises(UsageError, match="other settings"):
@@ -453,3 +453,23 @@ def test_a_plotting_failure_never_loses_the_table(tmp_path, monkeypatch):
     monkeypatch.undo()
     run_comparison(out=tmp_path, table_only=True)  # the figures, drawn again from the files
     assert (tmp_path / "curves_loss.png").is_file() and (tmp_path / "score_vs_time.png").is_file()
+
+
+@pytest.mark.skipif(not os.environ.get("FEWSHOT_DATA"), reason="needs Omniglot (FEWSHOT_DATA)")
+def test_omniglot_rows_are_scored_on_validation_and_test_characters(tmp_path):
+    """Omniglot runs are scored on the split's test characters (the table's score) and on its
+    validation characters (the column protocols are chosen on), each on its own fixed pool."""
+    result = run_comparison(["FOMAML"], dataset="omniglot", out=tmp_path, meta_steps=2, meta_batch_size=2,
+                            inner_steps=1, eval_tasks=4, eval_query=2, fidelity_tasks=0, quiet=True,
+                            isolate=False, set_params={"*": {"adapt_steps": 1}})
+    row = result.results[0]
+    assert 0 <= row["val_score_mean"] <= 1 and 0 <= row["score_mean"] <= 1
+    assert row["val_score_mean"] != row["score_mean"] or row["val_score_ci95"] != row["score_ci95"]
+    header = format_table(result.results).splitlines()[0]
+    assert "Accuracy (%) +- 95% CI  Validation" in header
+    assert read_csv(tmp_path / "results.csv")[0]["val_score_mean"] != ""
+    samplers = _compare.make_samplers(json.loads((tmp_path / "FOMAML" / "config.json").read_text()))
+    assert samplers.val.subset == "val" and samplers.test.subset == "test"
+    assert "Validation" not in format_table(run_comparison(
+        ["FOMAML"], dataset="clusters", out=tmp_path / "c", meta_steps=1, meta_batch_size=2, inner_steps=1,
+        eval_tasks=2, fidelity_tasks=0, quiet=True, isolate=False).results).splitlines()[0]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 
 __all__ = ["PROTOCOLS", "DATASETS", "META_KEYS", "INNER_KEYS", "TASK_KEYS", "SOLVER_TASK_KEYS",
-           "resolve"]
+           "FOLDER_KEYS", "resolve"]
 
 #: Shared estimator settings that apply to every estimator.
 META_KEYS = ("meta_steps", "meta_lr", "meta_optimizer")
@@ -49,7 +49,15 @@ DATASETS = {
     # Gaussian clusters in 16 dimensions: a download-free classification family, 5-way 1-shot like
     # Omniglot. Meta-test tasks use classes (centres) never seen in meta-training.
     "clusters": {"split": None, "n_way": 5, "k_shot": 1},
+    # A folder of labelled images (one subfolder per class, see fewshot.datasets.image_folder_tasks),
+    # 5-way 1-shot like Omniglot; its classes are split train / validation / test (FOLDER_KEYS).
+    "folder": {"split": None, "n_way": 5, "k_shot": 1},
 }
+
+#: Settings of the "folder" dataset, with their defaults: where the images are, how they are
+#: preprocessed, and the class-disjoint split (fractions of the class groups, from ``split_seed``).
+FOLDER_KEYS = {"data_dir": None, "image_size": 28, "mode": "L", "invert": False, "val_size": 0.2,
+               "test_size": 0.2, "split_seed": 0}
 
 # The report's Table 1 inner loop, with the report protocol's 15 training queries per class: the tuned
 # Omniglot protocol's choice for MAML, FOMAML, IMAML and NeumannMAML (validation runs: docs/results.md).
@@ -203,6 +211,9 @@ PROTOCOLS = {
         },
     },
 }
+# A user's image folder starts from the settings chosen on Omniglot, the image family they were
+# tuned on (the report protocol applies Table 1 unchanged, as on every family).
+PROTOCOLS["tuned"]["datasets"]["folder"] = copy.deepcopy(PROTOCOLS["tuned"]["datasets"]["omniglot"])
 
 
 def resolve(protocol: str, dataset: str, solvers, overrides: dict | None = None,
@@ -212,12 +223,13 @@ def resolve(protocol: str, dataset: str, solvers, overrides: dict | None = None,
     Parameters
     ----------
     protocol : {"report", "tuned"}
-    dataset : {"omniglot", "sinusoid", "clusters"}
+    dataset : {"omniglot", "sinusoid", "clusters", "folder"}
     solvers : list of str
         Names in :data:`fewshot.SOLVERS`.
     overrides : dict, optional
         Shared settings given on the command line (``None`` values are ignored): task keys
-        (:data:`TASK_KEYS`), estimator keys (:data:`META_KEYS`, :data:`INNER_KEYS`) and
+        (:data:`TASK_KEYS`), estimator keys (:data:`META_KEYS`, :data:`INNER_KEYS`), the folder
+        dataset's settings (:data:`FOLDER_KEYS`; ``data_dir`` is needed for it) and
         ``device``/``seed``. They win over every protocol value, per-solver ones included;
         ``meta_lr`` also sets Reptile's ``outer_stepsize`` (its meta-optimizer's learning rate).
     solver_overrides : dict, optional
@@ -241,7 +253,7 @@ def resolve(protocol: str, dataset: str, solvers, overrides: dict | None = None,
         raise ValueError(f"solvers must be a non-empty list of names from {list(SOLVERS)}, "
                          f"got {list(solvers)}")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    allowed = set(TASK_KEYS) | set(META_KEYS) | set(INNER_KEYS) | {"device", "seed"}
+    allowed = set(TASK_KEYS) | set(META_KEYS) | set(INNER_KEYS) | set(FOLDER_KEYS) | {"device", "seed"}
     bad = sorted(set(overrides) - allowed)
     if bad:
         raise ValueError(f"unknown shared setting(s) {bad}; expected some of {sorted(allowed)}")
@@ -259,6 +271,11 @@ def resolve(protocol: str, dataset: str, solvers, overrides: dict | None = None,
     config = {"protocol": protocol, "dataset": dataset,
               **{k: shared[k] for k in TASK_KEYS}, "seed": shared.get("seed", 0), "solvers": {},
               "solver_tasks": {}}
+    folder = {k: overrides.pop(k) for k in list(overrides) if k in FOLDER_KEYS}
+    if dataset == "folder":
+        config.update(_folder_settings(folder))
+    elif folder:
+        raise ValueError(f"{', '.join(sorted(folder))} only apply to dataset='folder', got dataset={dataset!r}")
     device = shared.get("device", "auto")
     for name in solvers:
         cls = SOLVERS[name]
@@ -285,3 +302,25 @@ def resolve(protocol: str, dataset: str, solvers, overrides: dict | None = None,
         params.update(device=device, random_state=config["seed"])
         config["solvers"][name] = params
     return config
+
+
+def _folder_settings(given: dict) -> dict:
+    """The folder dataset's settings: the defaults of :data:`FOLDER_KEYS` updated with ``given``,
+    ``data_dir`` made absolute (a run's identity, whatever the working directory of its resume)."""
+    import os
+
+    settings = {**FOLDER_KEYS, **given}
+    if settings["data_dir"] is None:
+        raise ValueError("dataset='folder' needs data_dir (--data-dir): the folder with one subfolder "
+                         "of images per class")
+    settings["data_dir"] = os.path.abspath(os.fspath(settings["data_dir"]))
+    if not os.path.isdir(settings["data_dir"]):
+        raise ValueError(f"data_dir {settings['data_dir']} is not a folder")
+    for key in ("val_size", "test_size"):
+        v = settings[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ValueError(f"{key} must be a fraction in (0, 1) of the class groups, got {v!r}")
+    if settings["val_size"] + settings["test_size"] >= 1:
+        raise ValueError(f"val_size + test_size must leave classes to meta-train on, got "
+                         f"{settings['val_size']} + {settings['test_size']}")
+    return settings

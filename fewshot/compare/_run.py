@@ -61,8 +61,9 @@ SOLVER_TYPES = {
 }
 
 #: Columns of results.csv / results.json.
-TABLE_FIELDS = ("method", "type", "metric", "score_mean", "score_ci95", "n_eval_tasks", "meta_steps",
-                "train_time_s", "s_per_step", "peak_rss_mb", "eval_time_s", "status")
+TABLE_FIELDS = ("method", "type", "metric", "score_mean", "score_ci95", "n_eval_tasks", "val_score_mean",
+                "val_score_ci95", "meta_steps", "train_time_s", "s_per_step", "peak_rss_mb", "eval_time_s",
+                "status")
 #: Columns of fidelity.csv / fidelity.json.
 FIDELITY_FIELDS = ("method", "reference", "n_tasks", "cosine_mean", "cosine_std", "rel_error_mean",
                    "rel_error_std", "norm_ratio_mean", "reference_residual_max")
@@ -159,29 +160,67 @@ def _log(quiet: bool, message: str) -> None:
 # Samplers and estimators from a resolved configuration
 
 
-def make_samplers(config: dict):
-    """``(meta-training sampler, meta-test sampler)`` for a resolved configuration.
+class Samplers(NamedTuple):
+    """The task families of a comparison: meta-training, meta-test, and meta-validation (``None``
+    for families without a validation split)."""
+
+    train: object
+    test: object
+    val: object = None
+
+
+def make_samplers(config: dict) -> Samplers:
+    """The samplers of a resolved configuration.
 
     The meta-test sampler draws tasks with ``eval_query`` query examples (per class) from held-out
-    data: Omniglot's test characters, new Gaussian clusters (other centres), new sinusoids.
+    data: Omniglot's test characters, new Gaussian clusters (other centres), new sinusoids, an image
+    folder's test classes. Omniglot (its split's validation characters) and image folders (their
+    validation classes) also have a meta-validation sampler, with ``eval_query`` queries.
     """
     from .. import tasks
 
     ds = config["dataset"]
     k, q, qe = config["k_shot"], config["n_query"], config["eval_query"]
     if ds == "sinusoid":
-        return tasks.SinusoidTasks(k, q), tasks.SinusoidTasks(k, qe)
+        return Samplers(tasks.SinusoidTasks(k, q), tasks.SinusoidTasks(k, qe))
     if ds == "clusters":
         n = config["n_way"]
-        return (tasks.GaussianClusterTasks(n, k, q, seed=0),
-                tasks.GaussianClusterTasks(n, k, qe, seed=1))
+        return Samplers(tasks.GaussianClusterTasks(n, k, q, seed=0), tasks.GaussianClusterTasks(n, k, qe, seed=1))
     if ds == "omniglot":
         from ..datasets import omniglot_tasks
 
         n, split = config["n_way"], config["split"]
-        return (omniglot_tasks(n, k, q, split=split, subset="train"),
-                omniglot_tasks(n, k, qe, split=split, subset="test"))
+        return Samplers(omniglot_tasks(n, k, q, split=split, subset="train"),
+                        omniglot_tasks(n, k, qe, split=split, subset="test"),
+                        omniglot_tasks(n, k, qe, split=split, subset="val"))
+    if ds == "folder":
+        return _folder_samplers(config)
     raise ValueError(f"dataset must be one of {sorted(_protocols.DATASETS)}, got {ds!r}")
+
+
+def _folder_samplers(config: dict) -> Samplers:
+    """An image folder's classes split into train / validation / test (class-disjoint, by class
+    group, from ``split_seed``): the same split for the ``n_query`` and the ``eval_query`` sampler."""
+    from ..datasets import image_folder_tasks
+    from ..model_selection import meta_train_test_split
+
+    def split(query):
+        sampler = image_folder_tasks(config["data_dir"], n_way=config["n_way"], k_shot=config["k_shot"],
+                                     n_query=query, image_size=config["image_size"], mode=config["mode"],
+                                     invert=config["invert"])
+        n = len(sampler.class_groups())
+        n_test = math.ceil(config["test_size"] * n)
+        n_val = math.ceil(config["val_size"] * n)
+        if n - n_test - n_val < 1:
+            raise ValueError(f"{config['data_dir']} has {n} class groups: too few for a train / validation "
+                             f"/ test split with val_size={config['val_size']}, test_size={config['test_size']}")
+        rest, test = meta_train_test_split(sampler, test_size=n_test, random_state=config["split_seed"])
+        train, val = meta_train_test_split(rest, test_size=n_val, random_state=config["split_seed"])
+        return train, val, test
+
+    train, _, _ = split(config["n_query"])
+    _, val, test = split(config["eval_query"])
+    return Samplers(train, test, val)
 
 
 def make_estimator(name: str, params: dict):
@@ -275,7 +314,7 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
     for stale in solver_dir.glob("*.tmp"):  # left by a process killed while writing
         stale.unlink()
     (solver_dir / ERROR).unlink(missing_ok=True)
-    train, test = make_samplers(spec)
+    train, test, val = make_samplers(spec)
     baseline = _peak_rss_mb()
     checkpoint = solver_dir / CHECKPOINT
     state = {"format": _FORMAT, "sessions": 0, "peak_rss_mb": 0.0, "train_rss_mb": 0.0,
@@ -336,7 +375,7 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
     _update_memory(state, baseline)  # peak memory of meta-training, before evaluation
     _write_json(solver_dir / HISTORY, est.history_)
 
-    score, ci, scores, eval_time = None, None, [], None
+    score, ci, scores, eval_time, val_score, val_ci = None, None, [], None, None, None
     if status == "ok":
         ebar = None
         if not quiet:
@@ -344,9 +383,13 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
 
             ebar = tqdm(total=spec["eval_tasks"], desc=f"{name:<11} eval", unit="task", leave=False,
                         dynamic_ncols=True)
+        if ebar is not None and val is not None:
+            ebar.total = 2 * spec["eval_tasks"]
         start = time.perf_counter()
         try:
             score, ci, scores = _evaluate(est, test, spec["eval_tasks"], spec["eval_seed"], ebar)
+            if val is not None:
+                val_score, val_ci, _ = _evaluate(est, val, spec["eval_tasks"], spec["eval_seed"], ebar)
         finally:
             if ebar is not None:
                 ebar.close()
@@ -356,7 +399,8 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
     result = {
         "method": name, "type": SOLVER_TYPES.get(name, ""),
         "metric": "accuracy" if est.task_type_ == "classification" else "neg_mse",
-        "score_mean": score, "score_ci95": ci, "n_eval_tasks": len(scores), "meta_steps": steps,
+        "score_mean": score, "score_ci95": ci, "n_eval_tasks": len(scores),
+        "val_score_mean": val_score, "val_score_ci95": val_ci, "meta_steps": steps,
         "train_time_s": train_time, "s_per_step": train_time / steps if steps else None,
         "peak_rss_mb": state["peak_rss_mb"], "train_rss_mb": state["train_rss_mb"],
         "rss_scope": rss_scope, "eval_time_s": eval_time, "status": status,
@@ -446,22 +490,28 @@ def _render(headers, lines) -> str:
 
 
 def format_table(rows) -> str:
-    """The results table as aligned text (accuracy in percent, or negative MSE, with 95% CI)."""
+    """The results table as aligned text (accuracy in percent, or negative MSE, with 95% CI, on the
+    meta-test tasks, and on the meta-validation tasks where the family has them)."""
     metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
     score_head = "Accuracy (%) +- 95% CI" if metric == "accuracy" else "Neg. MSE +- 95% CI"
+    with_val = any(r.get("val_score_mean") is not None for r in rows)
+
+    def score(mean, ci):
+        if metric == "accuracy":
+            return f"{100 * mean:.2f} +- {_fmt(ci and 100 * ci, '.2f')}"
+        return f"{mean:.4f} +- {_fmt(ci, '.4f')}"
+
     lines = []
     for r in rows:
-        if r.get("score_mean") is None:
-            score = r.get("status") or "n/a"
-        elif metric == "accuracy":
-            score = f"{100 * r['score_mean']:.2f} +- {_fmt(r['score_ci95'] and 100 * r['score_ci95'], '.2f')}"
-        else:
-            score = f"{r['score_mean']:.4f} +- {_fmt(r['score_ci95'], '.4f')}"
-        lines.append([r["method"], r.get("type") or "", score, _fmt(r.get("train_time_s"), ".1f"),
+        test = score(r["score_mean"], r["score_ci95"]) if r.get("score_mean") is not None else (
+            r.get("status") or "n/a")
+        val = [score(r["val_score_mean"], r["val_score_ci95"]) if r.get("val_score_mean") is not None
+               else "n/a"] if with_val else []
+        lines.append([r["method"], r.get("type") or "", test, *val, _fmt(r.get("train_time_s"), ".1f"),
                       _fmt(r.get("s_per_step"), ".4f"), _fmt(r.get("peak_rss_mb"), ".0f"),
                       str(r.get("meta_steps") if r.get("meta_steps") is not None else "n/a")])
-    return _render(["Method", "Type", score_head, "Train time (s)", "s/step", "Peak RSS (MB)",
-                    "Meta-steps"], lines)
+    heads = ["Method", "Type", score_head] + (["Validation"] if with_val else [])
+    return _render(heads + ["Train time (s)", "s/step", "Peak RSS (MB)", "Meta-steps"], lines)
 
 
 def format_fidelity(rows) -> str:
@@ -548,7 +598,7 @@ def _fidelity(out: Path, config: dict, names, n_tasks: int, force: bool, quiet: 
     where = f"{ref} after {settings['params_steps']} meta-steps" if ref else "initialisation"
     _log(quiet, f"meta-gradient fidelity: {len(names)} solvers, {n_tasks} tasks, float64, at the "
                 f"meta-parameters of {where}")
-    train, _ = make_samplers(config)
+    train = make_samplers(config).train
     prepared = {}
     for name in names:
         params = dict(config["solvers"][name], meta_steps=0, dtype="float64", warm_start=False,
@@ -634,7 +684,8 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
                    split=None, n_way=None, k_shot=None, n_query=None, eval_query=None,
                    meta_steps=None, meta_batch_size=None, inner_steps=None, inner_lr=None,
                    meta_lr=None, eval_tasks=None, device=None, seed=None, set_params=None,
-                   threads: int | None = 2, chunk_size: int = 50, fidelity_tasks: int = 8,
+                   data_dir=None, image_size=None, mode=None, invert=None, val_size=None,
+                   test_size=None, split_seed=None, threads: int | None = 2, chunk_size: int = 50, fidelity_tasks: int = 8,
                    force: bool = False, quiet: bool = False, isolate: bool = True,
                    table_only: bool = False) -> Comparison:
     """Run solvers on one task family under one protocol and write the comparison's files.
@@ -643,7 +694,10 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
     ----------
     solvers : list of str, optional
         Names from :data:`fewshot.SOLVERS` (default all seven).
-    dataset : {"sinusoid", "omniglot", "clusters"}
+    dataset : {"sinusoid", "omniglot", "clusters", "folder"}
+        ``"folder"``: a folder of labelled images, one subfolder per class (``data_dir``), as
+        :func:`fewshot.datasets.image_folder_tasks` reads it; its classes are split into
+        meta-training, meta-validation and meta-test classes.
     protocol : {"tuned", "report"}
         The settings table (see ``fewshot/_protocols.py`` and ``docs/compare.md``).
     out : path, optional
@@ -654,6 +708,10 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
         size (per class), ``eval_query`` the meta-test one.
     set_params : dict, optional
         ``{solver or "*": {parameter: value}}``: any estimator parameter, per solver.
+    data_dir, image_size, mode, invert, val_size, test_size, split_seed
+        The folder dataset's images (``data_dir``, needed), their preprocessing (28 x 28 grayscale,
+        not inverted, by default; see :func:`~fewshot.datasets.image_folder_tasks`) and the split of
+        its class groups (20% validation, 20% test, from seed 0 by default).
     threads : int or None
         ``torch.set_num_threads`` in each solver process (``None``: torch's default). The solver
         processes run with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set (see :data:`WORKER_ENV`).
@@ -700,7 +758,9 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
         raise UsageError(f"threads must be a positive integer or None, got {threads!r}")
     overrides = dict(split=split, n_way=n_way, k_shot=k_shot, n_query=n_query, eval_query=eval_query,
                      meta_steps=meta_steps, meta_batch_size=meta_batch_size, inner_steps=inner_steps,
-                     inner_lr=inner_lr, meta_lr=meta_lr, eval_tasks=eval_tasks, device=device, seed=seed)
+                     inner_lr=inner_lr, meta_lr=meta_lr, eval_tasks=eval_tasks, device=device, seed=seed,
+                     data_dir=data_dir, image_size=image_size, mode=mode, invert=invert, val_size=val_size,
+                     test_size=test_size, split_seed=split_seed)
     out = Path(out) if out is not None else Path("runs") / f"compare-{dataset}-{protocol}"
     # Check every setting, and every solver's parameters, before running anything.
     try:
