@@ -11,7 +11,7 @@ torch.Size([10, 1])
 from . import core, exceptions, models, tasks
 from .core import linalg
 from .estimators import (ANIL, FOMAML, IMAML, MAML, AdaptedModel, Evaluation, FineTune, MAMLPlusPlus, MetaLearner,
-                         MetaSGD, NeumannMAML, PenaltyMAML, Reptile)
+                         MetaSGD, NeumannMAML, PenaltyMAML, Reptile, load_meta_params)
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "AdaptedModel",
     "Evaluation",
     "SOLVERS",
+    "load_meta_params",
     "core",
     "exceptions",
     "linalg",

@@ -9,6 +9,7 @@ module per family of solvers.
 from ._adapted import AdaptedModel, Evaluation
 from ._anil import ANIL
 from ._base import MetaLearner
+from ._export import load_meta_params
 from ._finetune import FineTune
 from ._mamlpp import MAMLPlusPlus
 from ._metasgd import MetaSGD
@@ -16,4 +17,5 @@ from ._params import COMMON_PARAMS, estimator_init
 from ._solvers import FOMAML, IMAML, MAML, NeumannMAML, PenaltyMAML, Reptile
 
 __all__ = ["MetaLearner", "AdaptedModel", "Evaluation", "MAML", "FOMAML", "Reptile", "IMAML", "NeumannMAML",
-           "PenaltyMAML", "FineTune", "ANIL", "MetaSGD", "MAMLPlusPlus", "COMMON_PARAMS", "estimator_init"]
+           "PenaltyMAML", "FineTune", "ANIL", "MetaSGD", "MAMLPlusPlus", "COMMON_PARAMS", "estimator_init",
+           "load_meta_params"]

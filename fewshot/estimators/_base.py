@@ -155,6 +155,20 @@ class MetaLearner(Setup, Guards, Adaptation, BaseEstimator):
             self._warn_about_solves(first_step)
         return self
 
+    def save_meta_params(self, path):
+        """Write the meta-trained parameters to ``path``, weights only, for
+        :func:`fewshot.load_meta_params`.
+
+        The file holds the estimator's class and constructor parameters, the task shape and the
+        meta-parameters (``params_``), as tensors, strings and numbers: it loads with
+        ``torch.load(weights_only=True)`` and is written atomically. A network passed as an
+        ``nn.Module`` (and any other parameter object) is recorded by name only; pass it again to
+        :func:`~fewshot.load_meta_params`. Returns the path.
+        """
+        from ._export import save_meta_params
+
+        return save_meta_params(self, path)
+
     def _dropout_seeds(self, world, n: int) -> list[int]:
         """Seeds of the dropout masks of this meta-step's ``n`` tasks, shard by shard (so one
         process simulating a world draws what its processes would)."""

@@ -92,6 +92,7 @@ class FineTune(MetaLearner):
 
     def _setup(self, sampler, device, dtype, seed):
         params = super()._setup(sampler, device, dtype, seed)
+        self.n_pretrain_outputs_ = int(sampler.n_pretrain_outputs)
         modules = dict(self.fmodel_.module.named_modules())
         if self.head == "auto":
             linear = [name for name, m in modules.items() if isinstance(m, nn.Linear)]

@@ -1,0 +1,89 @@
+"""Meta-parameter files: save_meta_params / load_meta_params round trips and refusals."""
+
+import pytest
+import torch
+
+import fewshot
+from fewshot.tasks import GaussianClusterTasks
+
+FAST = dict(meta_steps=2, inner_steps=2, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return GaussianClusterTasks(n_way=3, k_shot=2, n_query=3, n_features=4, n_classes=12)
+
+
+def fitted(cls, sampler, **kw):
+    params = dict(FAST, **kw)
+    params.update(batch_size=8) if cls is fewshot.FineTune else params.update(meta_batch_size=2)
+    return cls(**params).meta_fit(sampler)
+
+
+@pytest.mark.parametrize("cls", list(fewshot.SOLVERS.values()), ids=list(fewshot.SOLVERS))
+def test_round_trip_predicts_as_the_trained_estimator(cls, sampler, tmp_path):
+    est = fitted(cls, sampler)
+    path = est.save_meta_params(tmp_path / "meta.pt")
+    raw = torch.load(path, weights_only=True)  # tensors, strings and numbers only
+    assert raw["solver"] == cls.__name__ and set(raw["meta_params"]) == set(est.params_)
+    loaded = fewshot.load_meta_params(path)
+    assert type(loaded) is cls and loaded.get_params() == est.get_params()
+    for k in est.params_:
+        assert torch.equal(loaded.params_[k], est.params_[k]), k
+    task = sampler.sample(random_state=5)
+    assert torch.equal(loaded.adapt(task.support).predict_proba(task.query.x),
+                       est.adapt(task.support).predict_proba(task.query.x))
+    tasks = sampler.sample(4, random_state=6)
+    assert loaded.evaluate(tasks).mean == est.evaluate(tasks).mean
+
+
+def test_learned_steps_are_saved(sampler, tmp_path):
+    est = fitted(fewshot.MetaSGD, sampler)
+    loaded = fewshot.load_meta_params(est.save_meta_params(tmp_path / "m.pt"))
+    rates = [k for k in loaded.params_ if k.startswith("inner_lr.")]
+    assert rates and all(torch.equal(loaded.params_[k], est.params_[k]) for k in rates)
+
+
+def test_warm_start_continues_from_the_file(sampler, tmp_path):
+    est = fitted(fewshot.FOMAML, sampler)
+    loaded = fewshot.load_meta_params(est.save_meta_params(tmp_path / "m.pt"), warm_start=True, meta_steps=1)
+    start = {k: v.clone() for k, v in loaded.params_.items()}
+    loaded.meta_fit(sampler)
+    assert loaded.n_iter_ == 3 and any(not torch.equal(start[k], loaded.params_[k]) for k in start)
+    fresh = fewshot.load_meta_params(tmp_path / "m.pt", meta_steps=1).meta_fit(sampler)
+    assert fresh.n_iter_ == 1  # without warm_start, meta_fit starts afresh
+
+
+def test_a_network_object_must_be_given_again(sampler, tmp_path):
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+    est = fitted(fewshot.MAML, sampler, model=net())
+    path = est.save_meta_params(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"whose model was a nn.Module \(torch.nn.modules.container.Sequential\)"
+                                         r".*load_meta_params\(path, model=\.\.\.\)"):
+        fewshot.load_meta_params(path)
+    loaded = fewshot.load_meta_params(path, model=net())
+    task = sampler.sample(random_state=1)
+    assert torch.equal(loaded.adapt(task.support).predict(task.query.x), est.adapt(task.support).predict(task.query.x))
+    small = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    with pytest.raises(ValueError, match=r"do not fit the MAML's network: 0.bias \(8,\) in the file vs \(5,\)"):
+        fewshot.load_meta_params(path, model=small)
+
+
+def test_refusals(sampler, tmp_path):
+    est = fitted(fewshot.FOMAML, sampler)
+    with pytest.raises(ValueError, match="not meta-trained yet"):
+        fewshot.FOMAML().save_meta_params(tmp_path / "x.pt")
+    ckpt = tmp_path / "ckpt.pt"
+    fewshot.FOMAML(**FAST, meta_batch_size=2).meta_fit(sampler, checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r"not a fewshot meta-parameter file \(it is a meta_fit checkpoint"):
+        fewshot.load_meta_params(ckpt)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="not a readable fewshot meta-parameter file"):
+        fewshot.load_meta_params(junk)
+    path = est.save_meta_params(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"FOMAML has no parameter\(s\) \['lam'\]"):
+        fewshot.load_meta_params(path, lam=1.0)
