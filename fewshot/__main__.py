@@ -98,7 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="folder with one subfolder of images per class (nested groups allowed)")
     g.add_argument("--image-size", type=_positive_int, default=None, help="resize to N x N (default: 28)")
     g.add_argument("--mode", choices=["L", "RGB"], default=None,
-                   help="grayscale (L) or colour (RGB) (default: L)")
+                   help="grayscale (L) or colour (RGB) (default: RGB)")
     g.add_argument("--invert", action="store_true", default=None,
                    help="use 255 - value (dark strokes on light paper become 1 on 0, as Omniglot)")
     g.add_argument("--val-size", type=float, default=None,

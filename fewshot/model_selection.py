@@ -33,7 +33,7 @@ from sklearn.utils import check_random_state
 
 from .estimators._base import AdaptedModel, Evaluation, MetaLearner
 from .exceptions import DivergenceError, NotFittedError
-from .tasks import GaussianClusterTasks, Task, TaskBatch, TaskSampler, as_task_batch
+from .tasks import Task, TaskBatch, TaskSampler, as_task_batch
 
 __all__ = ["MetaGridSearch", "meta_train_test_split"]
 
@@ -320,23 +320,28 @@ def meta_train_test_split(sampler: TaskSampler, *, test_size=0.25, random_state=
     """Split a task family into meta-training and meta-validation families.
 
     For classification families with a fixed pool of classes the split is *class-disjoint*: the
-    classes are shuffled with ``random_state`` and the two returned samplers draw their tasks from
-    disjoint parts of the pool, so validation measures adaptation to unseen classes.
+    class groups of the pool (:meth:`TaskSampler.class_groups() <fewshot.tasks.TaskSampler.class_groups>`)
+    are shuffled with ``random_state`` and the two returned samplers
+    (:meth:`~fewshot.tasks.TaskSampler.restrict_classes`) draw their tasks from disjoint parts of the
+    pool, so validation measures adaptation to unseen classes. A group is one class unless the
+    sampler says otherwise:
 
-    * :class:`~fewshot.tasks.GaussianClusterTasks`: its ``n_classes`` cluster centres are split.
-    * :class:`~fewshot.datasets.OmniglotTasks`: its classes are split by underlying *character*,
-      so the rotations of one character (``augment_rotations=True``) stay on the same side. The
-      copies share the sampler's images and default generator.
-    * Regression families (sinusoid, linear regression) have no class pool: every task is an
-      independent draw, so both returned samplers are copies of ``sampler``, and the meta-training
-      and validation tasks differ by their random streams (the estimator's ``random_state`` and
-      :class:`MetaGridSearch`'s ``random_state``).
+    * :class:`~fewshot.datasets.OmniglotTasks`: a group is a *character*, so the rotations of one
+      character (``augment_rotations=True``) stay on the same side.
+    * :class:`~fewshot.tasks.LabeledTasks` and image folders: the groups given by ``class_groups``.
+    * :class:`~fewshot.tasks.GaussianClusterTasks`: each cluster centre.
+    * Regression families (sinusoid, linear regression) have no class pool (``class_groups()`` is
+      ``None``): every task is an independent draw, so both returned samplers are copies of
+      ``sampler``, and the meta-training and validation tasks differ by their random streams (the
+      estimator's ``random_state`` and :class:`MetaGridSearch`'s ``random_state``).
+
+    The copies share the sampler's stored examples and default generator.
 
     Parameters
     ----------
     sampler : TaskSampler
     test_size : float or int, default=0.25
-        A fraction of the classes (characters for Omniglot), rounded up, or their number.
+        A fraction of the class groups (characters for Omniglot), rounded up, or their number.
     random_state : None, int or numpy.random.RandomState
         Shuffles the classes.
 
@@ -353,22 +358,14 @@ def meta_train_test_split(sampler: TaskSampler, *, test_size=0.25, random_state=
     """
     if not isinstance(sampler, TaskSampler):
         raise TypeError(f"sampler must be a fewshot.tasks.TaskSampler, got {type(sampler).__name__}")
-    if isinstance(sampler, GaussianClusterTasks):
-        groups = [[c] for c in range(sampler.n_classes)]
-        restrict, unit = _restrict_clusters, "classes"
-    elif _is_omniglot(sampler):
-        chars = list(dict.fromkeys(sampler.characters))
-        index = {ch: i for i, ch in enumerate(chars)}
-        groups = [[] for _ in chars]
-        for c, ch in enumerate(sampler.characters):
-            groups[index[ch]].append(c)
-        restrict, unit = _restrict_omniglot, "characters"
-    elif sampler.task_type == "regression":
-        return copy.copy(sampler), copy.copy(sampler)
-    else:
-        raise TypeError(f"cannot split the classes of {type(sampler).__name__}: class-disjoint splits are "
-                        "available for GaussianClusterTasks and OmniglotTasks, and regression families "
-                        "are returned as they are")
+    groups = sampler.class_groups()
+    if groups is None:
+        if sampler.task_type == "regression":
+            return copy.copy(sampler), copy.copy(sampler)
+        raise TypeError(f"cannot split the classes of {type(sampler).__name__}: it has no fixed class pool "
+                        "(its class_groups() is None); a class-disjoint split needs a sampler that "
+                        "implements class_groups() and restrict_classes(), as LabeledTasks does")
+    unit = "classes" if all(len(g) == 1 for g in groups) else "class groups"
     n_test = _n_test(test_size, len(groups), unit)
     order = check_random_state(random_state).permutation(len(groups))
     parts = []
@@ -377,7 +374,7 @@ def meta_train_test_split(sampler: TaskSampler, *, test_size=0.25, random_state=
         if classes.size < sampler.n_way:
             raise ValueError(f"the {name} part would have {classes.size} classes, fewer than "
                              f"n_way={sampler.n_way}; change test_size={test_size!r}")
-        parts.append(restrict(sampler, torch.as_tensor(classes)))
+        parts.append(sampler.restrict_classes(classes))
     return tuple(parts)
 
 
@@ -392,30 +389,3 @@ def _n_test(test_size, n, unit) -> int:
         raise ValueError(f"test_size={test_size!r} leaves {n_test} of the {n} {unit} for the test part; "
                          f"each part needs at least one")
     return n_test
-
-
-def _is_omniglot(sampler) -> bool:
-    from .datasets import OmniglotTasks  # light: no image library is imported
-
-    return isinstance(sampler, OmniglotTasks)
-
-
-# The samplers keep their class pools in attributes; a copy with a smaller pool draws the same kind
-# of tasks from those classes only.
-def _restrict_clusters(sampler, classes):
-    part = copy.copy(sampler)
-    part.centres = sampler.centres[classes]
-    part.n_classes = part.n_pretrain_outputs = len(classes)
-    return part
-
-
-def _restrict_omniglot(sampler, classes):
-    from .datasets._omniglot import IMAGES_PER_CHARACTER
-
-    part = copy.copy(sampler)
-    rows = (classes[:, None] * IMAGES_PER_CHARACTER + torch.arange(IMAGES_PER_CHARACTER)).reshape(-1)
-    part._images = sampler._images.index_select(0, rows.to(sampler._images.device))
-    part.n_classes = part.n_pretrain_outputs = len(classes)
-    part.class_names = tuple(sampler.class_names[i] for i in classes.tolist())
-    part.characters = tuple(sampler.characters[i] for i in classes.tolist())
-    return part

@@ -48,3 +48,22 @@ def sigkill_once_written(proc, path, timeout=120):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def make_folder(root, layout, *, mode="L", size=(12, 10), seed=0, ext="png"):
+    """A folder of random images: ``layout`` is ``{class path: number of images}``; returns
+    ``{class path: [files]}``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    files = {}
+    for name, n in layout.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        shape = size if mode == "L" else (*size, 3)
+        files[name] = []
+        for i in range(n):
+            path = folder / f"{i:02d}.{ext}"
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+            files[name].append(path)
+    return files

@@ -473,3 +473,38 @@ def test_omniglot_rows_are_scored_on_validation_and_test_characters(tmp_path):
     assert "Validation" not in format_table(run_comparison(
         ["FOMAML"], dataset="clusters", out=tmp_path / "c", meta_steps=1, meta_batch_size=2, inner_steps=1,
         eval_tasks=2, fidelity_tasks=0, quiet=True, isolate=False).results).splitlines()[0]
+
+
+def test_folder_dataset_compares_on_class_disjoint_splits(tmp_path, monkeypatch):
+    """`--dataset folder --data-dir PATH`: the folder's class groups split train / validation /
+    test from a seed, every row scored on test and validation classes, resumable like any run."""
+    pytest.importorskip("PIL")
+    from _util import make_folder
+
+    monkeypatch.setenv("FEWSHOT_CACHE", str(tmp_path / "cache"))
+    layout = {f"{group}/{c}": 6 for group in ("a", "b", "c", "d", "e") for c in ("x", "y")}
+    make_folder(tmp_path / "images", layout, mode="RGB", size=(20, 20))
+    kw = dict(dataset="folder", data_dir=tmp_path / "images", n_way=2, n_query=2, eval_query=2,
+              image_size=16, meta_steps=2, meta_batch_size=2, inner_steps=1, eval_tasks=3, fidelity_tasks=0,
+              quiet=True, isolate=False)
+    result = run_comparison(["FOMAML", "ANIL"], out=tmp_path / "out", **kw)
+    assert [r["status"] for r in result.results] == ["ok", "ok"]
+    assert all(r["val_score_mean"] is not None for r in result.results)
+    config = json.loads((tmp_path / "out" / "FOMAML" / "config.json").read_text())
+    assert config["data_dir"] == str(tmp_path / "images") and config["mode"] == "RGB"
+    samplers = _compare.make_samplers(config)
+    groups = [{n.split("/")[0] for n in s.class_names} for s in samplers]
+    assert [len(g) for g in groups] == [3, 1, 1]  # 20% of 5 groups each for test and validation
+    assert groups[0].isdisjoint(groups[1] | groups[2]) and groups[1].isdisjoint(groups[2])
+    assert samplers.train.input_shape == (3, 16, 16) and samplers.test.n_query == 2
+    again = run_comparison(["FOMAML"], out=tmp_path / "out", **kw)  # finished: read back, not rerun
+    assert again.results[0]["score_mean"] == result.results[0]["score_mean"]
+    for bad, match in [(dict(data_dir=None), "needs data_dir"),
+                       (dict(data_dir=tmp_path / "nowhere"), "is not a folder"),
+                       (dict(test_size=0.9), r"val_size \+ test_size must leave classes")]:
+        with pytest.raises(UsageError, match=match):
+            run_comparison(["FOMAML"], out=tmp_path / "bad", **{**kw, **bad})
+    with pytest.raises(UsageError, match=r"data_dir only apply to dataset='folder'"):
+        run_comparison(["FOMAML"], dataset="clusters", data_dir=tmp_path, out=tmp_path / "bad")
+    res = run_cli(["--dataset", "folder", "--solvers", "FOMAML"], cwd=tmp_path)
+    assert res.returncode == 2 and "needs data_dir (--data-dir)" in res.stderr

@@ -19,6 +19,7 @@ import sys
 import types
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,11 +31,13 @@ from fewshot.datasets import (
     OmniglotTasks,
     get_cache_home,
     get_data_home,
+    image_folder_tasks,
     load_omniglot,
     omniglot_tasks,
 )
 from fewshot.datasets import _omniglot
-from fewshot.tasks import LabeledSet, TaskBatch
+from fewshot.model_selection import meta_train_test_split
+from fewshot.tasks import LabeledSet, LabeledTasks, TaskBatch
 
 SETS = ("images_background", "images_evaluation")
 CACHE_NAME = "omniglot_28px_lanczos_v1.pt"
@@ -347,6 +350,35 @@ def test_tiny_sampler(tiny):
     assert batch.support.x.shape == (5, 6, 1, 28, 28) and batch.query.x.shape == (5, 8, 1, 28, 28)
     with pytest.raises(ValueError, match="n_way=3 is larger than the 2 classes"):
         OmniglotTasks(3, 1, 1, split="lake", subset="test", data_home=home)
+    assert isinstance(sampler, LabeledTasks)
+    assert sampler.class_groups() == [[0], [1]]  # one character a class without rotations
+
+
+def _folder_equals_omniglot(folder, tmp_path, omniglot_images: dict):
+    """``image_folder_tasks`` with Omniglot's options over ``folder`` holds ``omniglot_images``
+    (``{"<Alphabet>/<characterNN>": float [20, 1, S, S]}``) exactly: the same uint8 images."""
+    sampler = image_folder_tasks(folder, n_way=len(omniglot_images), k_shot=1, n_query=19, mode="L",
+                                 invert=True, image_size=28, cache_dir=tmp_path / "folder_cache")
+    assert sampler.class_names == tuple(sorted(omniglot_images))
+    as_bytes = {name: sorted((x * 255).round().to(torch.uint8).numpy().tobytes() for x in images)
+                for name, images in omniglot_images.items()}
+    owner = {b: name for name, images in as_bytes.items() for b in images}
+    task = sampler.sample(random_state=0)  # every image of every class, labels in random order
+    by_label = {}
+    for x, y in zip(torch.cat([task.support.x, task.query.x]), torch.cat([task.support.y, task.query.y])):
+        by_label.setdefault(int(y), []).append((x * 255).round().to(torch.uint8).numpy().tobytes())
+    held = {owner[images[0]]: sorted(images) for images in by_label.values()}
+    assert held == as_bytes
+    for name, images in omniglot_images.items():  # the files through preprocess: the same images
+        assert torch.equal(sampler.preprocess(sorted((folder / name).iterdir())), images)
+
+
+def test_tiny_image_folder_is_omniglot(tiny):
+    home = tiny("omniglot-py")
+    images, keys = _omniglot._load_characters(28, home, None, False)  # extracts the folders too
+    background = {k.split("/", 1)[1]: images[i].unsqueeze(1).float() / 255
+                  for i, k in enumerate(keys) if k.startswith("images_background/")}
+    _folder_equals_omniglot(home / "omniglot-py" / "images_background", home, background)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,3 +563,64 @@ def test_n_way_larger_than_subset(omniglot):
     with pytest.raises(ValueError, match=r"n_way=200 is larger than the 161 classes .*'lake'.*'val'"):
         _sampler("lake", "val", n_way=200)
     _sampler("lake", "val", n_way=161, k_shot=1, n_query=1).sample(1, random_state=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Real data: the episodes are pinned (OmniglotTasks is LabeledTasks over the subset's drawings)
+
+# sha256 of support.x, support.y, query.x, query.y (first 16 hex digits) of two batches of 4 tasks
+# from torch.Generator().manual_seed(3), and of sample_pretraining(32, random_state=5)'s x and y;
+# measured with the sampler written before OmniglotTasks became a LabeledTasks.
+PINNED_EPISODES = [
+    ({"n_way": 5, "k_shot": 1, "n_query": 15, "split": "vinyals", "subset": "train"},
+     ["65a539fae6c57db8", "f39f7f8b0c843490"], "6c52037d91a6fe41"),
+    ({"n_way": 20, "k_shot": 5, "n_query": 5, "split": "vinyals", "subset": "test"},
+     ["56efaa518fc388a1", "2ae13c58bf5af751"], "6d5349798e9b3aa4"),
+    ({"n_way": 5, "k_shot": 1, "n_query": 1, "split": "lake", "subset": "val"},
+     ["ba94303bcec6a1ec", "967d4cffed51f1f3"], "3d3e0e475e53ee6f"),
+]
+
+
+def _digest(batch) -> str:
+    h = hashlib.sha256()
+    for t in (batch.support.x, batch.support.y, batch.query.x, batch.query.y):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("config, batches, pretraining", PINNED_EPISODES)
+def test_episodes_are_pinned(omniglot, config, batches, pretraining):
+    sampler = omniglot_tasks(**config)
+    assert isinstance(sampler, LabeledTasks)
+    gen = torch.Generator().manual_seed(3)
+    assert [_digest(sampler.sample(4, random_state=gen)) for _ in range(2)] == batches
+    pre = sampler.sample_pretraining(32, random_state=5)
+    assert hashlib.sha256(pre.x.numpy().tobytes() + pre.y.numpy().tobytes()).hexdigest()[:16] == pretraining
+
+
+def test_class_disjoint_split_is_pinned(omniglot):
+    sampler = omniglot_tasks(5, 1, 15)
+    train, test = meta_train_test_split(sampler, test_size=0.2, random_state=0)
+    assert (train.n_classes, test.n_classes) == (3288, 824)
+    assert [_digest(part.sample(4, random_state=1)) for part in (train, test)] == \
+        ["11c224fc3be62e85", "67128f6db86c8ba9"]
+    assert isinstance(train, OmniglotTasks) and repr(train) == repr(sampler)
+    assert not set(train.characters) & set(test.characters)  # the rotations of a character stay together
+    assert len(set(test.characters)) == 206 and len(test.characters) == 4 * 206
+    assert test.class_names[:4] == tuple(f"{test.characters[0]}/rot{d:03d}" for d in (0, 90, 180, 270))
+
+
+def test_image_folder_is_omniglot(omniglot, tmp_path):
+    """image_folder_tasks(mode="L", invert=True, image_size=28) over Omniglot's own folders holds
+    the images of OmniglotTasks, on a few characters of two alphabets."""
+    data_home = get_data_home()
+    folder = _omniglot._locate_sets(Path(data_home), Path(get_cache_home(None, data_home)),
+                                    False)["images_background"]
+    data = load_omniglot("lake", "train", augment_rotations=False)
+    alphabets = sorted({c.split("/")[0] for c in data.characters})[:2]
+    picked = {c: data.images[i] for i, c in enumerate(data.characters) if c.split("/")[0] in alphabets
+              and c.endswith(("character01", "character02"))}
+    assert len(picked) == 4
+    for name in picked:
+        shutil.copytree(folder / name, tmp_path / "background" / name)
+    _folder_equals_omniglot(tmp_path / "background", tmp_path, picked)

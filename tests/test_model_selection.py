@@ -227,11 +227,11 @@ def test_omniglot_split_keeps_rotations_of_a_character_together(tmp_path, monkey
     assert set(train.characters).isdisjoint(val.characters) and len(set(val.characters)) == 3
     assert sorted(train.class_names + val.class_names) == sorted(sampler.class_names)
     # The images of each class moved with it.
-    images = sampler._images.view(24, 20, -1)
+    images = sampler._x.view(24, 20, -1)
     for part in (train, val):
         for i, name in enumerate(part.class_names):
             j = sampler.class_names.index(name)
-            assert torch.equal(part._images.view(part.n_classes, 20, -1)[i], images[j])
+            assert torch.equal(part._x.view(part.n_classes, 20, -1)[i], images[j])
         batch = part.sample(2, random_state=0)
         assert batch.support.x.shape == (2, 3, 1, 28, 28)
 

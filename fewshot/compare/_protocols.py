@@ -56,7 +56,7 @@ DATASETS = {
 
 #: Settings of the "folder" dataset, with their defaults: where the images are, how they are
 #: preprocessed, and the class-disjoint split (fractions of the class groups, from ``split_seed``).
-FOLDER_KEYS = {"data_dir": None, "image_size": 28, "mode": "L", "invert": False, "val_size": 0.2,
+FOLDER_KEYS = {"data_dir": None, "image_size": 28, "mode": "RGB", "invert": False, "val_size": 0.2,
                "test_size": 0.2, "split_seed": 0}
 
 # The report's Table 1 inner loop, with the report protocol's 15 training queries per class: the tuned

@@ -709,7 +709,7 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
     set_params : dict, optional
         ``{solver or "*": {parameter: value}}``: any estimator parameter, per solver.
     data_dir, image_size, mode, invert, val_size, test_size, split_seed
-        The folder dataset's images (``data_dir``, needed), their preprocessing (28 x 28 grayscale,
+        The folder dataset's images (``data_dir``, needed), their preprocessing (28 x 28 RGB,
         not inverted, by default; see :func:`~fewshot.datasets.image_folder_tasks`) and the split of
         its class groups (20% validation, 20% test, from seed 0 by default).
     threads : int or None

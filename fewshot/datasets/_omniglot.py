@@ -6,21 +6,20 @@ drawings of each, as 105x105 PNGs in torchvision's layout
 
 Preprocessing (done once, then cached): each PNG is converted to 8-bit grayscale, resized to
 ``image_size`` x ``image_size`` with PIL's LANCZOS filter and inverted, so strokes are 1 and the
-background is 0 (as MAML's ``1 - image``). Images are stored as ``uint8`` and returned as
-``float32`` in ``[0, 1]`` (``value / 255``).
+background is 0 (as MAML's ``1 - image``): the image-folder decoder (``_folder.decode_files``) with
+``mode="L", invert=True``. Images are stored as ``uint8`` in the shared cache format
+(``_cache``) and returned as ``float32`` in ``[0, 1]`` (``value / 255``). Episodes are those of
+:class:`~fewshot.tasks.LabeledTasks` over the subset's drawings.
 
 See ``docs/datasets.md`` for the data-home rule, the splits and their seeds, and the cache.
 """
 
 from __future__ import annotations
 
-import numbers
 import os
 import shutil
 import tempfile
-import warnings
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..tasks._base import LabeledSet, TaskBatch, TaskSampler, check_generator
+from ..tasks._labeled import LabeledTasks
 from ..tasks._synthetic import _check_positive_int
+from ._cache import BadCache, load_or_build
+from ._folder import decode_files
 from ._home import get_cache_home, get_data_home, is_writable
 
 __all__ = ["OmniglotData", "OmniglotTasks", "load_omniglot", "omniglot_tasks"]
@@ -184,31 +185,14 @@ def _list_set(folder: Path, name: str) -> list[tuple[str, list[Path]]]:
 
 
 def _decode(paths, image_size: int) -> np.ndarray:
-    """PNG files -> ``uint8 [n, S, S]``, grayscale, LANCZOS-resized, inverted (strokes 255)."""
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise ImportError(f"building the Omniglot cache needs Pillow, which could not be imported ({err}); "
-                          'install it with `pip install "fewshot[datasets]"` or `pip install pillow`') from err
-
-    out = np.empty((len(paths), image_size, image_size), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        with Image.open(path) as im:
-            # Omniglot PNGs are 1-bit; Pillow ignores the filter for mode "1" (it uses NEAREST),
-            # so convert to 8-bit grayscale first to get a real antialiased resize.
-            im = im.convert("L")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.LANCZOS)
-            out[i] = 255 - np.asarray(im)
-    return out
+    """PNG files -> ``uint8 [n, S, S]``: the image-folder decoder with Omniglot's options (8-bit
+    grayscale, LANCZOS resize, inverted so strokes are 255)."""
+    size = (image_size, image_size)
+    return decode_files(paths, mode="L", size=size, resample="lanczos", invert=True)[:, 0]
 
 
 # --------------------------------------------------------------------------------------------------
-# The preprocessed cache: one file per image size, validated on every load
-
-
-class _BadCache(Exception):
-    pass
+# The preprocessed cache: one file per image size, validated on every load (fewshot.datasets._cache)
 
 
 def _cache_path(cache_home: Path, image_size: int) -> Path:
@@ -221,56 +205,17 @@ def _expected_meta(image_size: int) -> dict:
             "sets": {name: list(_EXPECTED[name]) for name in _SETS}}
 
 
-def _checksum(images: Tensor, keys: list[str]) -> int:
-    crc = zlib.crc32(images.contiguous().numpy())
-    return zlib.crc32("\n".join(keys).encode(), crc)
-
-
-def _read_cache(path: Path, image_size: int) -> tuple[Tensor, list[str]]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged file raises RuntimeError, EOFError, UnpicklingError, ...
-        raise _BadCache(f"cannot be read ({type(err).__name__}: {err})") from err
-    if not isinstance(payload, dict) or set(payload) != {"meta", "keys", "images", "checksum"}:
-        raise _BadCache("does not hold an Omniglot cache")
-    expected = _expected_meta(image_size)
-    if payload["meta"] != expected:
-        raise _BadCache(f"was made with other settings: {payload['meta']} instead of {expected}")
-    images, keys = payload["images"], payload["keys"]
+def _validator(image_size: int):
     n = sum(c for _, c in _EXPECTED.values())
     shape = (n, IMAGES_PER_CHARACTER, image_size, image_size)
-    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != shape:
-        raise _BadCache(f"holds images of the wrong type or shape (expected uint8 {shape})")
-    if not isinstance(keys, list) or len(keys) != n or not all(isinstance(k, str) for k in keys):
-        raise _BadCache(f"holds a wrong list of character names (expected {n})")
-    if _checksum(images, keys) != payload["checksum"]:
-        raise _BadCache("fails its checksum")
-    return images, keys
 
+    def validate(images: Tensor, keys: list) -> None:
+        if tuple(images.shape) != shape:
+            raise BadCache(f"holds images of the wrong shape {list(images.shape)} (expected uint8 {shape})")
+        if len(keys) != n:
+            raise BadCache(f"holds a wrong list of character names ({len(keys)}, expected {n})")
 
-def _write_cache(path: Path, images: Tensor, keys: list[str], image_size: int) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
-    payload = {"meta": _expected_meta(image_size), "keys": list(keys), "images": images,
-               "checksum": _checksum(images, keys)}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        warnings.warn(f"could not write the Omniglot cache {path} ({err}); the PNGs will be decoded "
-                      "again next time. Set FEWSHOT_CACHE to a writable directory.", RuntimeWarning,
-                      stacklevel=4)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return validate
 
 
 def _load_characters(image_size: int, data_home, cache_dir, download) -> tuple[Tensor, list[str]]:
@@ -278,20 +223,18 @@ def _load_characters(image_size: int, data_home, cache_dir, download) -> tuple[T
     sorted by (set, alphabet, character). Reads the cache, else builds and writes it."""
     data_home = Path(get_data_home(data_home))
     cache_home = Path(get_cache_home(cache_dir, data_home))
-    path = _cache_path(cache_home, image_size)
-    if path.exists():
-        try:
-            return _read_cache(path, image_size)
-        except _BadCache as err:
-            warnings.warn(f"the Omniglot cache {path} {err}; rebuilding it", RuntimeWarning, stacklevel=3)
-    folders = _locate_sets(data_home, cache_home, bool(download))
-    characters = [c for name in _SETS for c in _list_set(folders[name], name)]
-    keys = [k for k, _ in characters]
-    pngs = [p for _, paths in characters for p in paths]
-    images = torch.from_numpy(_decode(pngs, image_size)).view(
-        len(keys), IMAGES_PER_CHARACTER, image_size, image_size)
-    _write_cache(path, images, keys, image_size)
-    return images, keys
+
+    def build():
+        folders = _locate_sets(data_home, cache_home, bool(download))
+        characters = [c for name in _SETS for c in _list_set(folders[name], name)]
+        keys = [k for k, _ in characters]
+        pngs = [p for _, paths in characters for p in paths]
+        images = torch.from_numpy(_decode(pngs, image_size)).view(
+            len(keys), IMAGES_PER_CHARACTER, image_size, image_size)
+        return images, keys
+
+    return load_or_build(_cache_path(cache_home, image_size), _expected_meta(image_size),
+                         _validator(image_size), build, what="Omniglot", stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,7 +375,7 @@ def load_omniglot(split: str = "vinyals", subset: str = "train", *, data_home=No
     return OmniglotData(_to_float(images).unsqueeze(2), tuple(names), tuple(chars), split, subset)
 
 
-class OmniglotTasks(TaskSampler):
+class OmniglotTasks(LabeledTasks):
     """N-way K-shot classification episodes from Omniglot.
 
     Each task draws ``n_way`` classes of the subset without replacement, gives them labels
@@ -441,9 +384,12 @@ class OmniglotTasks(TaskSampler):
     Support and query are ordered by label (``y = [0]*K + [1]*K + ...``). ``x`` is
     ``float32 [n, 1, S, S]`` in ``[0, 1]`` (strokes 1), ``y`` is ``int64``.
 
-    A whole meta-batch is drawn with a few tensor operations (random keys + ``topk`` for classes,
-    ``argsort`` for drawings, one gather), from images kept as ``uint8`` with the rotations
-    precomputed.
+    This is :class:`~fewshot.tasks.LabeledTasks` over the subset's drawings (its episodes and
+    pre-training batches), with the rotations precomputed as classes of their own: a whole
+    meta-batch is drawn with a few tensor operations (random keys + ``topk`` for classes,
+    ``argsort`` for drawings, one gather) from images kept as ``uint8``. A class-disjoint split
+    (:func:`~fewshot.model_selection.meta_train_test_split`) keeps the rotations of a character
+    together: the class groups are the characters.
 
     Parameters
     ----------
@@ -476,80 +422,43 @@ class OmniglotTasks(TaskSampler):
     (a different but equally fixed pool).
     """
 
-    task_type = "classification"
-
     def __init__(self, n_way=5, k_shot=1, n_query=15, *, split="vinyals", subset="train",
                  data_home=None, cache_dir=None, download=False, random_state=None, image_size=28,
                  augment_rotations=None, device=None):
-        self.n_way = _check_positive_int("n_way", n_way, 2)
-        self.k_shot = _check_positive_int("k_shot", k_shot)
-        self.n_query = _check_positive_int("n_query", n_query)
-        if self.k_shot + self.n_query > IMAGES_PER_CHARACTER:
+        n_way = _check_positive_int("n_way", n_way, 2)
+        k_shot = _check_positive_int("k_shot", k_shot)
+        n_query = _check_positive_int("n_query", n_query)
+        if k_shot + n_query > IMAGES_PER_CHARACTER:
             raise ValueError(
-                f"k_shot + n_query = {self.k_shot} + {self.n_query} = {self.k_shot + self.n_query} is "
-                f"larger than the {IMAGES_PER_CHARACTER} drawings of each Omniglot character (support "
-                "and query drawings are distinct)"
+                f"k_shot + n_query = {k_shot} + {n_query} = {k_shot + n_query} is larger than the "
+                f"{IMAGES_PER_CHARACTER} drawings of each Omniglot character (support and query "
+                "drawings are distinct)"
             )
         self.image_size, self.augment_rotations = _check_options(split, subset, image_size,
                                                                  augment_rotations)
         self.split, self.subset = split, subset
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.random_state = random_state
-        self._generator = None if random_state is None else check_generator(random_state)
-
         images, names, chars = _load_classes(split, subset, self.image_size, self.augment_rotations,
                                              data_home, cache_dir, download)
-        self.n_classes = images.shape[0]
-        if self.n_way > self.n_classes:
+        n_classes = images.shape[0]
+        if n_way > n_classes:
             raise ValueError(
-                f"n_way={self.n_way} is larger than the {self.n_classes} classes of Omniglot "
+                f"n_way={n_way} is larger than the {n_classes} classes of Omniglot "
                 f"split={split!r}, subset={subset!r} (augment_rotations={self.augment_rotations})"
             )
-        # [n_classes * 20, 1, S, S]: row c * 20 + e is drawing e of class c.
-        self._images = images.reshape(-1, 1, self.image_size, self.image_size).to(self.device)
-        self.class_names, self.characters = tuple(names), tuple(chars)
-        self.input_shape = (1, self.image_size, self.image_size)
-        self.n_outputs = self.n_way
-        self.n_pretrain_outputs = self.n_classes
+        # Row c * 20 + e is drawing e of class c; the labels are the class indices, so the pool's
+        # class order is the subset's and class_names can be the strings.
+        super().__init__(images.reshape(-1, 1, self.image_size, self.image_size),
+                         torch.arange(n_classes).repeat_interleave(IMAGES_PER_CHARACTER), n_way=n_way,
+                         k_shot=k_shot, n_query=n_query, class_groups=dict(enumerate(chars)),
+                         random_state=random_state, device=device)
+        self.class_names = tuple(names)
 
-    def sample(self, n_tasks=None, *, random_state=None, device=None):
-        if random_state is None and self._generator is not None:
-            random_state = self._generator
-        return super().sample(n_tasks, random_state=random_state, device=device)
-
-    sample.__doc__ = TaskSampler.sample.__doc__
-
-    def _sample(self, n_tasks, generator):
-        n, k, q, e = self.n_way, self.k_shot, self.n_query, IMAGES_PER_CHARACTER
-        dev = generator.device
-        # The top-n of iid keys is a uniformly random ordered n-subset: its order is the label order.
-        # float64 keys make ties (which would bias the choice) practically impossible.
-        classes = torch.rand((n_tasks, self.n_classes), generator=generator, dtype=torch.float64,
-                             device=dev).topk(n, dim=1).indices
-        drawings = torch.rand((n_tasks, n, e), generator=generator, device=dev).argsort(dim=-1)
-        drawings = drawings[..., :k + q]
-        rows = (classes.unsqueeze(-1) * e + drawings).to(self._images.device)  # [T, n, k + q]
-        labels = torch.arange(n, device=self._images.device)
-
-        def gather(r, per_class):
-            x = _to_float(self._images.index_select(0, r.reshape(-1)))
-            y = labels.repeat_interleave(per_class).expand(n_tasks, -1).contiguous()
-            return LabeledSet(x.view(n_tasks, n * per_class, *self.input_shape), y)
-
-        return TaskBatch(gather(rows[..., :k], k), gather(rows[..., k:], q))
-
-    def sample_pretraining(self, batch_size, *, random_state=None, device=None):
-        """``batch_size`` drawings picked uniformly (with replacement) from all drawings of the
-        subset, labelled with their class index ``0 .. n_classes - 1`` (an index into
-        ``class_names``)."""
-        batch_size = _check_positive_int("batch_size", batch_size)
-        if random_state is None and self._generator is not None:
-            random_state = self._generator
-        gen = check_generator(random_state)
-        rows = torch.randint(self.n_classes * IMAGES_PER_CHARACTER, (batch_size,), generator=gen,
-                             device=gen.device).to(self._images.device)
-        x = _to_float(self._images.index_select(0, rows))
-        return LabeledSet(x, rows // IMAGES_PER_CHARACTER).to(device)
+    @property
+    def characters(self) -> tuple:
+        """The character ``"<Alphabet>/<characterNN>"`` of each class."""
+        if not self.augment_rotations:
+            return self.class_names
+        return tuple(name.rpartition("/")[0] for name in self.class_names)
 
     def _repr_args(self):
         return {"n_way": self.n_way, "k_shot": self.k_shot, "n_query": self.n_query, "split": self.split,
