@@ -76,6 +76,10 @@ def test_cli_writes_consistent_table_files_and_figures(cli_run):
         assert f"{100 * result['score_mean']:.2f} +- {100 * result['score_ci95']:.2f}" in first.stdout
         history = json.loads((out / row["method"] / "history.json").read_text())
         assert all(len(v) == 4 for v in history.values())
+        # the meta-trained parameters, loadable without training, score the same tasks the same
+        est = fewshot.load_meta_params(out / row["method"] / "meta_params.pt")
+        test = _compare.make_samplers(json.loads((out / row["method"] / "config.json").read_text())).test
+        assert _compare._evaluate(est, test, 6, 0)[0] == pytest.approx(result["score_mean"], abs=1e-12)
     for name in ("curves_loss.png", "curves_accuracy.png", "score_vs_time.png"):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000, name

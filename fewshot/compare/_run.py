@@ -6,6 +6,7 @@ Layout of the output folder ``out``::
     out/<solver>/checkpoint.pt      the estimator's meta_fit checkpoint, written after every chunk
     out/<solver>/state.json         what is not estimator state: sessions, peak memory, status
     out/<solver>/history.json       estimator.history_ (learning curves)
+    out/<solver>/meta_params.pt     the meta-trained parameters, weights only (fewshot.load_meta_params)
     out/<solver>/result.json        score, times, memory: written last, marks the solver finished
     out/<solver>/error.txt          traceback of a failed run (the other solvers carry on)
     out/results.csv, results.json   the table, assembled from the result files
@@ -70,6 +71,7 @@ FIDELITY_FIELDS = ("method", "reference", "n_tasks", "cosine_mean", "cosine_std"
 
 CONFIG, CHECKPOINT, STATE, HISTORY, RESULT, ERROR = ("config.json", "checkpoint.pt", "state.json",
                                                      "history.json", "result.json", "error.txt")
+META_PARAMS = "meta_params.pt"
 #: The estimator pickle of the earlier format (before checkpoint.pt): refused, never resumed.
 OLD_CHECKPOINT = "checkpoint.joblib"
 #: Environment of the solver processes. OpenMP threads that wait for work spin by default; on a busy
@@ -374,6 +376,8 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
         status = "ok"
     _update_memory(state, baseline)  # peak memory of meta-training, before evaluation
     _write_json(solver_dir / HISTORY, est.history_)
+    if status == "ok":
+        est.save_meta_params(solver_dir / META_PARAMS)
 
     score, ci, scores, eval_time, val_score, val_ci = None, None, [], None, None, None
     if status == "ok":
