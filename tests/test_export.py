@@ -1,5 +1,9 @@
 """Meta-parameter files: save_meta_params / load_meta_params round trips and refusals."""
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,3 +91,24 @@ def test_refusals(sampler, tmp_path):
     path = est.save_meta_params(tmp_path / "m.pt")
     with pytest.raises(ValueError, match=r"FOMAML has no parameter\(s\) \['lam'\]"):
         fewshot.load_meta_params(path, lam=1.0)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "results" / "omniglot-tuned-2000-new-estimators" / "MAMLPlusPlus"
+
+
+def test_shipped_omniglot_meta_parameters_adapt_at_once():
+    """The meta-parameters shipped with the results load into an estimator that adapts to new
+    characters without training; with the data, they reproduce the run's own test scores."""
+    est = fewshot.load_meta_params(SHIPPED / "meta_params.pt")
+    assert type(est) is fewshot.MAMLPlusPlus and est.input_shape_ == (1, 28, 28) and est.n_outputs_ == 5
+    support_x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    pred = est.adapt((support_x.numpy(), [0, 1, 2, 3, 4])).predict(support_x.numpy())
+    assert pred.shape == (5,)
+    if not os.environ.get("FEWSHOT_DATA"):
+        pytest.skip("the comparison with the run's scores needs Omniglot (FEWSHOT_DATA)")
+    from fewshot.compare import _run
+
+    config = json.loads((SHIPPED / "config.json").read_text())
+    result = json.loads((SHIPPED / "result.json").read_text())
+    mean = _run._evaluate(est, _run.make_samplers(config).test, 50, config["eval_seed"])[0]
+    assert mean == pytest.approx(sum(result["scores"][:50]) / 50, abs=1e-12)
