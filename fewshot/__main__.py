@@ -151,8 +151,9 @@ def _compare(args) -> int:
         print("Meta-gradient fidelity (each solver's per-task meta-gradient against the exact one, "
               "same meta-parameters and tasks):")
         print(runner.format_fidelity(result.fidelity))
-    print(f"\nFiles in {result.out}/: results.csv/.json, fidelity.csv/.json, figures (*.png) and one "
-          "folder per solver (see docs/compare.md)")
+    fidelity = "fidelity.csv/.json, " if result.fidelity else ""
+    print(f"\nFiles in {result.out}/: results.csv/.json, {fidelity}figures (*.png) and one folder per solver "
+          "(see docs/compare.md)")
     failed = [r["method"] for r in result.results if r.get("status") != "ok" and r.get("score_mean") is None
               and not str(r.get("status", "")).startswith("diverged")]
     return 1 if failed else 0

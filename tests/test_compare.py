@@ -512,3 +512,8 @@ def test_folder_dataset_compares_on_class_disjoint_splits(tmp_path, monkeypatch)
         run_comparison(["FOMAML"], dataset="clusters", data_dir=tmp_path, out=tmp_path / "bad")
     res = run_cli(["--dataset", "folder", "--solvers", "FOMAML"], cwd=tmp_path)
     assert res.returncode == 2 and "needs data_dir (--data-dir)" in res.stderr
+    # classes too small for the evaluation's queries: one clear error before any solver runs
+    with pytest.raises(UsageError, match=r"10 of the 10 classes have fewer than k_shot \+ n_query = 1 \+ 15 "
+                                         r"(?s:.*)--eval-query"):
+        run_comparison(["FOMAML", "MAML"], out=tmp_path / "small", **{**kw, "eval_query": 15})
+    assert not (tmp_path / "small" / "FOMAML").exists()

@@ -312,7 +312,7 @@ def test_bad_layouts(tmp_path, cache):
 
 def test_small_classes(tmp_path, cache):
     make_folder(tmp_path / "data", {"a": 4, "b": 2, "c": 4, "d": 4})
-    with pytest.raises(ValueError, match=r"1 of the 4 classes have fewer than k_shot \+ n_query = 1 \+ 2 = 3 "
+    with pytest.raises(ValueError, match=r"1 of the 4 classes has fewer than k_shot \+ n_query = 1 \+ 2 = 3 "
                                          r"examples.*'b' \(2\)"):
         tasks(tmp_path / "data", cache)
     with pytest.warns(UserWarning, match=r"'b' \(2\).*left out"):

@@ -774,6 +774,13 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
             make_estimator(name, config["solvers"][name])._validate_params()
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from err
+    if dataset == "folder":  # once, here: decodes the folder into its cache before any solver runs
+        try:
+            make_samplers(config)
+        except (TypeError, ValueError, OSError) as err:
+            raise UsageError(f"{err}\n(the folder's classes need k_shot + n_query images each for "
+                             "meta-training and k_shot + eval_query for validation and test: --k-shot, "
+                             "--n-query, --eval-query)") from err
     out.mkdir(parents=True, exist_ok=True)
     for name in solvers:
         _prepare_dir(out / name, _solver_spec(config, name), force)

@@ -324,6 +324,8 @@ class ImageFolderTasks(LabeledTasks):
         ``extensions`` lower-case without dots.
     cache_path : pathlib.Path
         The cache file.
+    files : dict
+        Class name -> the class's image files (paths), in the order of its examples.
 
     Examples
     --------
@@ -374,6 +376,8 @@ class ImageFolderTasks(LabeledTasks):
                          small_classes=small_classes, random_state=random_state, device=device)
         self._mean, self._std = (None, None) if norm is None else (
             torch.tensor(v, dtype=torch.float32, device=self.device).view(-1, 1, 1) for v in norm)
+        kept = set(self.class_names)
+        self.files = {name: tuple(Path(e.path) for e in entries) for name, entries in classes if name in kept}
 
     def _convert(self, x: Tensor) -> Tensor:
         x = super()._convert(x)

@@ -134,7 +134,8 @@ class LabeledTasks(TaskSampler):
         if small:
             listed = ", ".join(f"{names[c]!r} ({int(counts[c])})" for c in small[:10])
             listed += f" and {len(small) - 10} more" if len(small) > 10 else ""
-            what = (f"{len(small)} of the {len(names)} classes have fewer than k_shot + n_query = "
+            verb = "has" if len(small) == 1 else "have"
+            what = (f"{len(small)} of the {len(names)} classes {verb} fewer than k_shot + n_query = "
                     f"{self.k_shot} + {self.n_query} = {need} examples (support and query examples are "
                     f"distinct): {listed}")
             if self.small_classes == "error":
