@@ -175,10 +175,12 @@ PROTOCOLS = {
                     "PenaltyMAML": {"meta_lr": 5e-3},
                     # The shared inner loop (steps of 0.4, 5 in meta-training, 10 at test, 5 training
                     # queries per class, Adam 1e-3), with MAML++'s own cosine schedule and 200-step
-                    # multi-step loss; learned steps start at 0.4. One 2,000-step run each, scored on
-                    # validation and test tasks (docs/results.md); no other setting compared yet.
+                    # multi-step loss; learned steps start at 0.4 (docs/results.md).
                     "ANIL": {},
-                    "MetaSGD": {},
+                    # Meta-SGD's own setting (Li et al., 2017): one inner step, in meta-training and at
+                    # test, of the learned per-parameter rates (from 0.4); chosen on 600 validation
+                    # tasks after 2,000 steps, 97.88% against 95.31% with the shared 5 and 10 steps.
+                    "MetaSGD": {"inner_steps": 1, "adapt_steps": 1},
                     "MAMLPlusPlus": {},
                 },
             },
