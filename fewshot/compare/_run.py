@@ -385,10 +385,9 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
         if not quiet:
             from tqdm.auto import tqdm
 
-            ebar = tqdm(total=spec["eval_tasks"], desc=f"{name:<11} eval", unit="task", leave=False,
+            pools = 1 if val is None else 2  # the test pool, then the validation pool
+            ebar = tqdm(total=pools * spec["eval_tasks"], desc=f"{name:<11} eval", unit="task", leave=False,
                         dynamic_ncols=True)
-        if ebar is not None and val is not None:
-            ebar.total = 2 * spec["eval_tasks"]
         start = time.perf_counter()
         try:
             score, ci, scores = _evaluate(est, test, spec["eval_tasks"], spec["eval_seed"], ebar)
