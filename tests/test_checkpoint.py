@@ -279,3 +279,14 @@ def test_checkpoint_written_before_a_parameter_existed_resumes_with_its_old_beha
     assert resumed.n_iter_ == 3
     with pytest.raises(ValueError, match=r"per_step_bn: checkpoint False, estimator True"):
         make(fewshot.MAMLPlusPlus, meta_steps=4, per_step_bn=True, model=net).meta_fit(sampler, checkpoint=path)
+
+
+def test_written_files_are_complete_and_readable_by_all(sampler, tmp_path):
+    """Checkpoints and meta-parameter files go through one atomic write: no temporary file is
+    left, and the file is not private to its writer (0o644, as caches and compare's files)."""
+    path = tmp_path / "sub" / "ckpt.pt"
+    est = make(fewshot.FOMAML, meta_steps=1).meta_fit(sampler, checkpoint=path)
+    meta = est.save_meta_params(tmp_path / "sub" / "meta.pt")
+    for p in (path, meta):
+        assert p.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pt", "meta.pt"]

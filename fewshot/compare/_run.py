@@ -33,7 +33,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -42,6 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .._files import atomic_write as _atomic_write
 from . import _protocols
 
 __all__ = ["run_comparison", "load_results", "format_table", "format_fidelity", "Comparison",
@@ -97,22 +97,6 @@ class Comparison(NamedTuple):
 
 # --------------------------------------------------------------------------------------------------
 # Small file helpers: every write is atomic (a temporary file in the same folder, then os.replace)
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _jsonable(obj):

@@ -14,8 +14,6 @@ decoded again next time.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from .._files import atomic_write
 
 __all__ = ["BadCache", "StaleCache", "checksum", "read_cache", "write_cache", "load_or_build"]
 
@@ -80,24 +80,11 @@ def write_cache(path: Path, images: Tensor, keys: list[str], meta: dict, *, what
     """
     payload = {"meta": meta, "keys": list(keys), "images": images, "checksum": checksum(images, keys)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        atomic_write(path, lambda f: torch.save(payload, f))
     except OSError as err:
         warnings.warn(f"could not write the {what} cache {path} ({err}); the images will be decoded "
                       "again next time. Pass cache_dir= or set FEWSHOT_CACHE to a writable directory.",
                       RuntimeWarning, stacklevel=stacklevel + 1)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_or_build(path: Path, meta: dict, validate: Validator,

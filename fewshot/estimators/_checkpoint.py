@@ -17,13 +17,13 @@ import inspect
 import json
 import numbers
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._files import atomic_write
 from .._validation import check_number
 
 __all__ = ["FORMAT", "VERSION", "FREE_PARAMS", "check_options", "describe_params", "make_state",
@@ -112,21 +112,9 @@ def make_state(estimator, params, optimizer, stream_states: list) -> dict:
 
 
 def save(path: Path, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same directory, flushed to
-    disk, then ``os.replace``. A reader sees the previous checkpoint or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``state`` to ``path`` atomically (:func:`fewshot._files.atomic_write`): a reader sees
+    the previous checkpoint or the new one, never a part."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load(path: Path, estimator, params: dict) -> dict:
