@@ -372,6 +372,36 @@ def test_tuned_protocol_precedence_and_overrides():
     assert all(p["random_state"] == 5 and p["adapt_steps"] == 4 for p in s.values())
 
 
+def test_a_task_setting_amends_the_dataset_entries(monkeypatch):
+    # datasets[d]["settings"]["<n>w<k>s"]: its shared values win over the dataset's solver entries,
+    # its solver entries over both, and the command line over all of them.
+    table = copy.deepcopy(_protocols.PROTOCOLS)
+    omniglot = table["tuned"]["datasets"]["omniglot"]
+    omniglot["settings"]["20w5s"] = {"shared": {"n_query": 2, "inner_steps": 3},
+                                     "solvers": {"FOMAML": {"inner_steps": 4, "n_query": 6}}}
+    monkeypatch.setattr(_protocols, "PROTOCOLS", table)
+    names = ["MAML", "FOMAML", "ANIL"]
+    base = _protocols.resolve("tuned", "omniglot", names)
+    assert base["solver_tasks"]["MAML"]["n_query"] == omniglot["solvers"]["MAML"]["n_query"] == 15
+    config = _protocols.resolve("tuned", "omniglot", names, {"n_way": 20, "k_shot": 5})
+    assert (config["n_way"], config["k_shot"], config["n_query"]) == (20, 5, 2)
+    assert config["solver_tasks"] == {"FOMAML": {"n_query": 6}}
+    s = config["solvers"]
+    assert (s["MAML"]["inner_steps"], s["ANIL"]["inner_steps"], s["FOMAML"]["inner_steps"]) == (3, 3, 4)
+    assert s["MAML"]["inner_lr"] == base["solvers"]["MAML"]["inner_lr"]  # what the setting leaves alone
+    over = _protocols.resolve("tuned", "omniglot", names, {"n_way": 20, "k_shot": 5, "n_query": 7,
+                                                           "inner_steps": 8})
+    assert over["solver_tasks"] == {} and over["n_query"] == 7
+    assert {p["inner_steps"] for p in over["solvers"].values()} == {8}
+    # the shipped settings: 20-way 1-shot trains every solver on one query per class
+    shipped = _protocols.resolve("tuned", "omniglot", list(fewshot.SOLVERS), {"n_way": 20})
+    assert shipped["n_query"] == 1 and shipped["solver_tasks"] == {}
+    assert _protocols.setting_key(shipped) == "20w1s"
+    assert _protocols.setting_key(_protocols.resolve("tuned", "sinusoid", ["MAML"])) is None
+    for name, params in shipped["solvers"].items():
+        fewshot.SOLVERS[name](**params)._validate_params()
+
+
 def test_a_solver_entry_sets_its_own_training_query_size(tmp_path, monkeypatch):
     table = copy.deepcopy(_protocols.PROTOCOLS)
     table["tuned"]["datasets"]["sinusoid"]["solvers"]["FOMAML"] = {"n_query": 3, "inner_steps": 2}

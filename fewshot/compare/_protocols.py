@@ -1,11 +1,16 @@
 """The settings of ``fewshot compare``: one table of protocols, each number with its source.
 
 A protocol has ``shared`` settings (the meta-training loop, the task shapes and the evaluation),
-per-solver parameter dicts (``solvers``) and per-dataset amendments of both (``datasets``).
-:func:`resolve` applies them in this order, later entries winning::
+per-solver parameter dicts (``solvers``), per-dataset amendments of both (``datasets``) and, within a
+dataset, per-setting amendments of both (``datasets[d]["settings"]``, keyed ``"<n_way>w<k_shot>s"``,
+e.g. ``"20w1s"``, chosen by the resolved ``n_way`` and ``k_shot``). :func:`resolve` applies them in
+this order, later entries winning::
 
     estimator defaults < shared < datasets[d]["shared"] < solvers[s] < datasets[d]["solvers"][s]
-                       < command-line options
+                       < settings[t]["shared"] < settings[t]["solvers"][s] < command-line options
+
+A setting's shared values win over the dataset's solver entries for the keys they set (20-way
+1-shot's query size applies to every solver, whatever the 5-way 1-shot entries say).
 
 A solver's entry holds estimator parameters, and may also set its own meta-training query size
 (``n_query``, the one task setting that can differ between solvers: the evaluation is the same for
@@ -28,7 +33,7 @@ from __future__ import annotations
 import copy
 
 __all__ = ["PROTOCOLS", "DATASETS", "META_KEYS", "INNER_KEYS", "TASK_KEYS", "SOLVER_TASK_KEYS",
-           "FOLDER_KEYS", "resolve"]
+           "FOLDER_KEYS", "resolve", "setting_key"]
 
 #: Shared estimator settings that apply to every estimator.
 META_KEYS = ("meta_steps", "meta_lr", "meta_optimizer")
@@ -183,6 +188,17 @@ PROTOCOLS = {
                     "MetaSGD": {"inner_steps": 1, "adapt_steps": 1},
                     "MAMLPlusPlus": {},
                 },
+                # The other settings of the published Omniglot table (docs/results.md). Each starts
+                # from the 5-way 1-shot entries above and amends what was measured for it.
+                "settings": {
+                    # 5-way 5-shot: the 5-way 1-shot entries unchanged (not tuned separately).
+                    "5w5s": {},
+                    # 20-way: one training query per class for every solver, MAML's own choice for
+                    # 20-way 1-shot (K queries per class, Finn et al.'s code). Four times the images
+                    # of a 5-way task make 5 queries cost ANIL 6x and FOMAML 2x a meta-step
+                    # (docs/results.md, "20-way 1-shot").
+                    "20w1s": {"shared": {"n_query": 1}},
+                },
             },
             # The small default of `fewshot compare`: minutes on a CPU for all ten estimators
             # (docs/compare.md).
@@ -266,7 +282,9 @@ def resolve(protocol: str, dataset: str, solvers, overrides: dict | None = None,
 
     table = copy.deepcopy(PROTOCOLS[protocol])
     amend = table["datasets"].get(dataset, {})
-    shared = {**table["shared"], **DATASETS[dataset], **amend.get("shared", {}), **overrides}
+    shared = {**table["shared"], **DATASETS[dataset], **amend.get("shared", {})}
+    setting = amend.get("settings", {}).get(setting_key({**shared, **overrides}), {})
+    shared.update({**setting.get("shared", {}), **overrides})
     for key in ("split", "n_way"):
         if key in overrides and DATASETS[dataset][key] is None:
             raise ValueError(f"{key} does not apply to dataset={dataset!r}, got {key}={overrides[key]!r}")
@@ -285,6 +303,8 @@ def resolve(protocol: str, dataset: str, solvers, overrides: dict | None = None,
         keys = META_KEYS if name == "FineTune" else META_KEYS + INNER_KEYS
         params = {k: shared[k] for k in keys if k in valid and k in shared}
         entry = {**table["solvers"].get(name, {}), **amend.get("solvers", {}).get(name, {})}
+        entry = {k: v for k, v in entry.items() if k not in setting.get("shared", {})}
+        entry.update(setting.get("solvers", {}).get(name, {}))
         tasks = {k: entry.pop(k) for k in SOLVER_TASK_KEYS if k in entry}
         tasks = {k: v for k, v in tasks.items() if k not in overrides}  # the command line wins
         if tasks:
@@ -304,6 +324,14 @@ def resolve(protocol: str, dataset: str, solvers, overrides: dict | None = None,
         params.update(device=device, random_state=config["seed"])
         config["solvers"][name] = params
     return config
+
+
+def setting_key(config: dict) -> str | None:
+    """The key of a task setting in ``datasets[d]["settings"]``: ``"20w1s"`` for 20-way 1-shot
+    (``None`` for families without classes, such as sinusoid regression)."""
+    if config.get("n_way") is None:
+        return None
+    return f"{config['n_way']}w{config['k_shot']}s"
 
 
 def _folder_settings(given: dict) -> dict:
