@@ -111,6 +111,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="torch.set_num_threads in each solver process (default: 2)")
     g.add_argument("--chunk-size", type=_positive_int, default=50,
                    help="meta-steps between checkpoints (default: 50)")
+    g.add_argument("--val-every", type=int, default=0,
+                   help="score validation tasks every N meta-steps into <solver>/val_curve.json and "
+                        "curves_validation.png (a multiple of --chunk-size; omniglot and folder; "
+                        "default: 0, only at the end)")
+    g.add_argument("--val-tasks", type=_positive_int, default=100,
+                   help="validation tasks per point of that curve (default: 100)")
     g.add_argument("--fidelity-tasks", type=int, default=8,
                    help="tasks for the meta-gradient fidelity table (default: 8; 0 skips it)")
     g.add_argument("--force", action="store_true", help="discard earlier runs in --out and start over")
@@ -130,7 +136,7 @@ def _compare(args) -> int:
 
     if args.worker is not None:
         return runner._worker(args.worker, chunk_size=args.chunk_size, quiet=args.quiet,
-                              threads=args.threads)
+                              threads=args.threads, val_every=args.val_every, val_tasks=args.val_tasks)
     set_params: dict = {}
     for target, param, value in args.assignments:
         set_params.setdefault(target, {})[param] = value
@@ -143,7 +149,8 @@ def _compare(args) -> int:
         eval_tasks=args.eval_tasks, device=args.device, seed=args.seed, set_params=set_params,
         data_dir=args.data_dir, image_size=args.image_size, mode=args.mode, invert=args.invert,
         val_size=args.val_size, test_size=args.test_size, split_seed=args.split_seed,
-        threads=args.threads, chunk_size=args.chunk_size, fidelity_tasks=args.fidelity_tasks,
+        threads=args.threads, chunk_size=args.chunk_size, val_every=args.val_every,
+        val_tasks=args.val_tasks, fidelity_tasks=args.fidelity_tasks,
         force=args.force, quiet=args.quiet, isolate=not args.in_process, table_only=args.table_only)
     print(runner.format_table(result.results))
     if result.fidelity:

@@ -1,4 +1,4 @@
-"""Figures of meta-training runs: learning curves and score against training time.
+"""Figures of meta-training runs: learning curves, validation curves and score against training time.
 
 Functions return a :class:`matplotlib.figure.Figure` built without :mod:`matplotlib.pyplot`, so they
 touch no global state and work on a headless machine (save with ``fig.savefig("name.png")``).
@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["moving_average", "plot_learning_curves", "plot_score_vs_time", "CURVES"]
+__all__ = ["moving_average", "plot_learning_curves", "plot_score_vs_time", "plot_validation_curves", "CURVES"]
 
 #: History keys drawn by :func:`plot_learning_curves`, with the report's labels (Figures 1-6):
 #: "Train" is the support set and "Test" the query set, "pre"/"post" before/after adaptation.
@@ -177,4 +177,46 @@ def plot_score_vs_time(results: Sequence[Mapping], *, score_label: str = "meta-t
     ax_t.set_xlabel("meta-training time (s)")
     ax_t.grid(axis="x", alpha=0.3)
     fig.suptitle(title or "Final score against meta-training time")
+    return fig
+
+
+def plot_validation_curves(curves: Mapping[str, Sequence[Mapping]], *, score_label: str = "validation accuracy",
+                           reference: Mapping[str, float] | None = None, title: str | None = None):
+    """Validation score against meta-steps, one line per run, with its 95% confidence band.
+
+    Parameters
+    ----------
+    curves : dict
+        ``{name: points}``, each point a dict with ``meta_step``, ``score_mean`` and ``score_ci95``
+        (the ``points`` of ``fewshot compare``'s ``val_curve.json``).
+    reference : dict, optional
+        ``{label: score}``: horizontal lines to compare with (e.g. a published accuracy).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if not curves or not any(curves.values()):
+        raise ValueError("curves is empty: pass at least one run with a point")
+    fig = _figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for name, points in curves.items():
+        if not points:
+            continue
+        pts = sorted(points, key=lambda p: p["meta_step"])
+        step = np.array([p["meta_step"] for p in pts], dtype=float)
+        mean = np.array([p["score_mean"] for p in pts], dtype=float)
+        ci = np.array([np.nan if p.get("score_ci95") is None else p["score_ci95"] for p in pts], dtype=float)
+        (line,) = ax.plot(step, mean, marker="o", markersize=3, label=name)
+        band = np.isfinite(ci)
+        ax.fill_between(step[band], (mean - ci)[band], (mean + ci)[band], color=line.get_color(), alpha=0.2)
+    for label, value in (reference or {}).items():
+        ax.axhline(value, color="tab:gray", linestyle="--", linewidth=1)
+        ax.annotate(f" {label}", (1, value), xycoords=("axes fraction", "data"), va="bottom", ha="right",
+                    fontsize="small", color="tab:gray")
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel(f"{score_label} (95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.suptitle(title or "Validation score against meta-steps")
     return fig

@@ -16,7 +16,7 @@ from fewshot.compare import _run as _compare, _protocols
 from fewshot.exceptions import SolverWarning
 from fewshot.__main__ import main
 from fewshot.compare import UsageError, format_table, load_results, run_comparison
-from fewshot.plotting import moving_average, plot_learning_curves, plot_score_vs_time
+from fewshot.plotting import moving_average, plot_learning_curves, plot_score_vs_time, plot_validation_curves
 from _util import sigkill_once_written
 
 TINY = ["--dataset", "clusters", "--n-way", "3", "--n-query", "2", "--eval-query", "3",
@@ -443,6 +443,14 @@ def test_moving_average_and_figures():
     assert len(fig.axes) == 2
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
         "A\n0.50 ± 0.10", "B", "C\n0.9800 ± 0.0024", "D\n-2.24 ± 0.47"]
+    points = [{"meta_step": 0, "score_mean": 0.5, "score_ci95": 0.1},
+              {"meta_step": 50, "score_mean": 0.7, "score_ci95": None}]
+    fig = plot_validation_curves({"A": points, "B": []}, reference={"published": 0.958})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["A"]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.5, 0.7])
+    with pytest.raises(ValueError, match="curves is empty"):
+        plot_validation_curves({"B": []})
 
 
 def test_scheduled_run_spans_all_chunks_and_is_not_extended(tmp_path):
@@ -507,6 +515,51 @@ def test_omniglot_rows_are_scored_on_validation_and_test_characters(tmp_path):
     assert "Validation" not in format_table(run_comparison(
         ["FOMAML"], dataset="clusters", out=tmp_path / "c", meta_steps=1, meta_batch_size=2, inner_steps=1,
         eval_tasks=2, fidelity_tasks=0, quiet=True, isolate=False).results).splitlines()[0]
+
+
+def test_validation_curve_leaves_training_as_it_is_and_survives_resume_and_extension(tmp_path):
+    """--val-every: validation scores against meta-steps, from the run's starting point, on the first
+    tasks of the final validation pool; training, scores and resumes are bit for bit unchanged."""
+    constant = {"*": {"adapt_steps": 1, "meta_lr_schedule": "constant"}}  # a run that can be extended
+    kw = dict(dataset="omniglot", meta_batch_size=2, inner_steps=1, eval_tasks=4, eval_query=2,
+              fidelity_tasks=0, quiet=True, isolate=False, chunk_size=2, set_params=constant)
+    curve = lambda d: json.loads((tmp_path / d / "FOMAML" / "val_curve.json").read_text())
+    plain = run_comparison(["FOMAML"], meta_steps=4, out=tmp_path / "plain", **kw).results[0]
+    solver = tmp_path / "a" / "FOMAML"
+    config = _protocols.resolve("tuned", "omniglot", ["FOMAML"], dict(meta_steps=4, meta_batch_size=2,
+                                inner_steps=1, eval_tasks=4, eval_query=2), constant)
+    config["threads"] = 2
+    _compare._prepare_dir(solver, _compare._solver_spec(config, "FOMAML"), force=False)
+    assert _compare.run_solver(solver, chunk_size=2, quiet=True, max_chunks=1, val_every=2, val_tasks=3) is None
+    assert [p["meta_step"] for p in curve("a")["points"]] == [0, 2]  # interrupted after one chunk
+    with_curve = run_comparison(["FOMAML"], meta_steps=4, out=tmp_path / "a", val_every=2, val_tasks=3,
+                                **kw).results[0]
+    assert with_curve["score_mean"] == plain["score_mean"]
+    assert with_curve["val_score_mean"] == plain["val_score_mean"]
+    assert_same_training(load_estimator(solver), load_estimator(tmp_path / "plain" / "FOMAML"))
+    saved = curve("a")
+    assert (saved["n_tasks"], saved["every"]) == (3, 2)
+    assert [p["meta_step"] for p in saved["points"]] == [0, 2, 4]
+    assert all(0 <= p["score_mean"] <= 1 and p["score_ci95"] >= 0 for p in saved["points"])
+    # the last point is the first 3 tasks of the 4-task validation pool that scores the finished run
+    est = load_estimator(solver)
+    samplers = _compare.make_samplers(json.loads((solver / "config.json").read_text()))
+    assert saved["points"][-1]["score_mean"] == _compare._evaluate(est, samplers.val, 3, 0)[0]
+    assert (tmp_path / "a" / "curves_validation.png").stat().st_size > 0
+    # extending a constant-rate run continues the curve from the finished run's point
+    run_comparison(["FOMAML"], meta_steps=6, out=tmp_path / "a", val_every=2, val_tasks=3, **kw)
+    assert [p["meta_step"] for p in curve("a")["points"]] == [0, 2, 4, 6]
+    assert curve("a")["points"][:3] == saved["points"]
+    for bad, match in [(dict(val_every=3), "must be a multiple of chunk_size=2"),
+                       (dict(val_every=-2), "val_every must be an integer >= 0"),
+                       (dict(val_every=2, dataset="sinusoid"), "needs a task family with a validation split")]:
+        with pytest.raises(UsageError, match=match):
+            run_comparison(["FOMAML"], meta_steps=4, out=tmp_path / "bad", **{**kw, **bad})
+    other = tmp_path / "c" / "FOMAML"  # an unfinished run resumed with another pool size is refused
+    _compare._prepare_dir(other, _compare._solver_spec(config, "FOMAML"), force=False)
+    _compare.run_solver(other, chunk_size=2, quiet=True, max_chunks=1, val_every=2, val_tasks=3)
+    with pytest.raises(UsageError, match=r"scored on 3 validation tasks .*--val-tasks"):
+        _compare.run_solver(other, chunk_size=2, quiet=True, val_every=2, val_tasks=5)
 
 
 def test_folder_dataset_compares_on_class_disjoint_splits(tmp_path, monkeypatch):

@@ -7,11 +7,12 @@ Layout of the output folder ``out``::
     out/<solver>/state.json         what is not estimator state: sessions, peak memory, status
     out/<solver>/history.json       estimator.history_ (learning curves)
     out/<solver>/meta_params.pt     the meta-trained parameters, weights only (fewshot.load_meta_params)
+    out/<solver>/val_curve.json     validation accuracy against meta-steps (with val_every)
     out/<solver>/result.json        score, times, memory: written last, marks the solver finished
     out/<solver>/error.txt          traceback of a failed run (the other solvers carry on)
     out/results.csv, results.json   the table, assembled from the result files
     out/fidelity.csv, fidelity.json the meta-gradient fidelity table
-    out/curves_loss.png, curves_accuracy.png, score_vs_time.png
+    out/curves_loss.png, curves_accuracy.png, score_vs_time.png, curves_validation.png
 
 Each solver runs in its own process (``python -m fewshot compare --worker out/<solver>``), so its
 peak memory is its own and a crash does not stop the others. Meta-training runs in chunks of
@@ -71,7 +72,7 @@ FIDELITY_FIELDS = ("method", "reference", "n_tasks", "cosine_mean", "cosine_std"
 
 CONFIG, CHECKPOINT, STATE, HISTORY, RESULT, ERROR = ("config.json", "checkpoint.pt", "state.json",
                                                      "history.json", "result.json", "error.txt")
-META_PARAMS = "meta_params.pt"
+META_PARAMS, VAL_CURVE = "meta_params.pt", "val_curve.json"
 #: The estimator pickle of the earlier format (before checkpoint.pt): refused, never resumed.
 OLD_CHECKPOINT = "checkpoint.joblib"
 #: Environment of the solver processes. OpenMP threads that wait for work spin by default; on a busy
@@ -270,6 +271,47 @@ def _evaluate(est, sampler, n_tasks: int, seed: int, progress=None):
     return float(a.mean()), float(ci), scores
 
 
+class _ValCurve:
+    """Validation accuracy against meta-steps, in ``<solver>/val_curve.json``: the first ``n_tasks``
+    tasks of the validation pool that ends the run (same seed), scored every ``every`` meta-steps.
+
+    Scoring reads the estimator between chunks only; every chunk restores the run from its
+    checkpoint, so the curve leaves training bit for bit as it is without it.
+    """
+
+    def __init__(self, solver_dir: Path, spec: dict, every: int, n_tasks: int, sampler):
+        self.path, self.every, self.sampler = solver_dir / VAL_CURVE, every, sampler
+        self.header = {"n_tasks": n_tasks, "eval_seed": spec["eval_seed"], "every": every}
+        self.points = []
+        if self.path.exists():
+            saved = _read_json(self.path)
+            if {k: saved.get(k) for k in ("n_tasks", "eval_seed")} != {k: self.header[k] for k in
+                                                                       ("n_tasks", "eval_seed")}:
+                raise UsageError(f"{self.path} was scored on {saved.get('n_tasks')} validation tasks "
+                                 f"(seed {saved.get('eval_seed')}); pass val_tasks={saved.get('n_tasks')} "
+                                 f"(--val-tasks) or delete the file")
+            self.points = saved["points"]
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 and all(p["meta_step"] != step for p in self.points)
+
+    def score(self, est, step: int, quiet: bool) -> None:
+        bar = None
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.header["n_tasks"], desc=f"{est.__class__.__name__:<11} val", unit="task",
+                       leave=False, dynamic_ncols=True)
+        try:
+            mean, ci, _ = _evaluate(est, self.sampler, self.header["n_tasks"], self.header["eval_seed"], bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.points = sorted([*self.points, {"meta_step": step, "score_mean": mean, "score_ci95": ci}],
+                             key=lambda p: p["meta_step"])
+        _write_json(self.path, {**self.header, "points": self.points})
+
+
 def _update_memory(state: dict, baseline: float) -> None:
     peak = _peak_rss_mb()
     state.update(peak_rss_mb=max(state["peak_rss_mb"], peak),
@@ -277,7 +319,7 @@ def _update_memory(state: dict, baseline: float) -> None:
 
 
 def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chunks: int | None = None,
-               rss_scope: str = "process") -> dict | None:
+               rss_scope: str = "process", val_every: int = 0, val_tasks: int = 100) -> dict | None:
     """Run (or resume) the solver whose ``config.json`` is in ``solver_dir``; return its result.
 
     Meta-trains in chunks of ``chunk_size`` meta-steps, each a ``meta_fit`` with
@@ -285,7 +327,9 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
     chunk's last step) followed by ``state.json`` (sessions, memory, status), then evaluates and
     writes ``history.json`` and ``result.json``. A finished solver (``result.json`` present) is not
     run again. ``max_chunks`` stops after that many chunks and returns ``None`` (as an interruption
-    would; used to test resuming).
+    would; used to test resuming). ``val_every`` (a multiple of ``chunk_size``; 0: never) scores
+    ``val_tasks`` validation tasks at every multiple of it, the run's current step included, into
+    ``val_curve.json``.
     """
     import torch
 
@@ -301,6 +345,12 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
         stale.unlink()
     (solver_dir / ERROR).unlink(missing_ok=True)
     train, test, val = make_samplers(spec)
+    curve = None
+    if val_every:
+        if val is None:
+            raise UsageError(f"val_every needs a task family with a validation split (omniglot, folder), "
+                             f"not {spec['dataset']!r}")
+        curve = _ValCurve(solver_dir, spec, val_every, val_tasks, val)
     baseline = _peak_rss_mb()
     checkpoint = solver_dir / CHECKPOINT
     state = {"format": _FORMAT, "sessions": 0, "peak_rss_mb": 0.0, "train_rss_mb": 0.0,
@@ -316,6 +366,9 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
     # and diverges again at the same step: that restores its history.
     done = first = _checkpoint_steps(checkpoint)
     status = "running"
+    if curve is not None and curve.due(done):  # the starting point (initialisation, or the checkpoint)
+        est.set_params(meta_steps=done).meta_fit(train, checkpoint=checkpoint if done else None)
+        curve.score(est, done, quiet)
     bar = None
     if not quiet:
         from tqdm.auto import tqdm
@@ -339,6 +392,8 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
             state["status"] = status
             _write_json(solver_dir / STATE, state)
             chunks += 1
+            if curve is not None and not status.startswith("diverged") and curve.due(est.n_iter_):
+                curve.score(est, est.n_iter_, quiet)
             if bar is not None:
                 last = {k: v[-1] for k, v in est.history_.items()}
                 bar.set_postfix({k.replace("_post", ""): f"{last[k]:.3f}" for k in
@@ -399,7 +454,8 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
     return _read_json(solver_dir / RESULT)
 
 
-def _worker(solver_dir, *, chunk_size: int, quiet: bool, threads: int | None = None) -> int:
+def _worker(solver_dir, *, chunk_size: int, quiet: bool, threads: int | None = None, val_every: int = 0,
+            val_tasks: int = 100) -> int:
     """Entry of the per-solver subprocess: run, and on failure leave ``error.txt``.
 
     The thread count comes from the solver's ``config.json`` (``threads``), else from the command
@@ -412,7 +468,8 @@ def _worker(solver_dir, *, chunk_size: int, quiet: bool, threads: int | None = N
     if threads:
         torch.set_num_threads(threads)
     try:
-        run_solver(solver_dir, chunk_size=chunk_size, quiet=quiet, rss_scope="solver process")
+        run_solver(solver_dir, chunk_size=chunk_size, quiet=quiet, rss_scope="solver process",
+                   val_every=val_every, val_tasks=val_tasks)
     except KeyboardInterrupt:
         return 130
     except Exception:
@@ -550,6 +607,12 @@ def _draw_figures(out: Path, rows) -> list[Path]:
         fig = plotting.plot_score_vs_time(rows, score_label=label)
         written.append(out / "score_vs_time.png")
         fig.savefig(written[-1], dpi=110)
+    curves = {r["method"]: _read_json(out / r["method"] / VAL_CURVE)["points"] for r in rows
+              if (out / r["method"] / VAL_CURVE).exists()}
+    if any(curves.values()):
+        fig = plotting.plot_validation_curves(curves)
+        written.append(out / "curves_validation.png")
+        fig.savefig(written[-1], dpi=110)
     return written
 
 
@@ -649,11 +712,11 @@ def _prepare_dir(solver_dir: Path, spec: dict, force: bool) -> None:
     _write_json(path, spec)
 
 
-def _spawn(solver_dir: Path, *, chunk_size, quiet) -> int:
+def _spawn(solver_dir: Path, *, chunk_size, quiet, val_every, val_tasks) -> int:
     import fewshot
 
     cmd = [sys.executable, "-m", "fewshot", "compare", "--worker", str(solver_dir),
-           "--chunk-size", str(chunk_size)]
+           "--chunk-size", str(chunk_size), "--val-every", str(val_every), "--val-tasks", str(val_tasks)]
     if quiet:
         cmd.append("--quiet")
     env = {**WORKER_ENV, **os.environ}
@@ -672,8 +735,8 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
                    meta_steps=None, meta_batch_size=None, inner_steps=None, inner_lr=None,
                    meta_lr=None, eval_tasks=None, device=None, seed=None, set_params=None,
                    data_dir=None, image_size=None, mode=None, invert=None, val_size=None,
-                   test_size=None, split_seed=None, threads: int | None = 2, chunk_size: int = 50, fidelity_tasks: int = 8,
-                   force: bool = False, quiet: bool = False, isolate: bool = True,
+                   test_size=None, split_seed=None, threads: int | None = 2, chunk_size: int = 50,
+                   val_every: int = 0, val_tasks: int = 100, fidelity_tasks: int = 8, force: bool = False, quiet: bool = False, isolate: bool = True,
                    table_only: bool = False) -> Comparison:
     """Run solvers on one task family under one protocol and write the comparison's files.
 
@@ -704,6 +767,13 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
         processes run with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set (see :data:`WORKER_ENV`).
     chunk_size : int
         Meta-steps between checkpoints.
+    val_every, val_tasks : int
+        Score ``val_tasks`` validation tasks (the first of the final validation pool) every
+        ``val_every`` meta-steps (a multiple of ``chunk_size``; 0: only at the end), into
+        ``<solver>/val_curve.json`` and ``curves_validation.png``: validation accuracy against
+        meta-steps. The curve starts at the run's current step (0, or its checkpoint's), is kept
+        across resumes and extensions, and leaves the training bit for bit as it is without it.
+        Needs a family with a validation split (omniglot, folder).
     fidelity_tasks : int
         Tasks of the meta-gradient fidelity table (0 skips it).
     force : bool
@@ -741,6 +811,16 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
     solvers = list(SOLVERS) if solvers is None else list(solvers)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise UsageError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    for key, value in (("val_every", val_every), ("val_tasks", val_tasks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "val_every" else 2):
+            raise UsageError(f"{key} must be an integer {'>= 0' if key == 'val_every' else '>= 2'}, "
+                             f"got {value!r}")
+    if val_every % chunk_size:
+        raise UsageError(f"val_every={val_every} must be a multiple of chunk_size={chunk_size} (the "
+                         "validation curve is scored between chunks)")
+    if val_every and dataset not in ("omniglot", "folder"):  # the families make_samplers validates on
+        raise UsageError(f"val_every needs a task family with a validation split (omniglot, folder), "
+                         f"not {dataset!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UsageError(f"threads must be a positive integer or None, got {threads!r}")
     overrides = dict(split=split, n_way=n_way, k_shot=k_shot, n_query=n_query, eval_query=eval_query,
@@ -784,7 +864,8 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
             resumed = (solver_dir / CHECKPOINT).exists()
             _log(quiet, f"{tag}: {'resuming' if resumed else 'starting'}")
             if isolate:
-                code = _spawn(solver_dir, chunk_size=chunk_size, quiet=quiet)
+                code = _spawn(solver_dir, chunk_size=chunk_size, quiet=quiet, val_every=val_every,
+                              val_tasks=val_tasks)
                 if code in (130, -2):
                     raise KeyboardInterrupt
                 if code != 0:
@@ -792,7 +873,8 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
                     _log(quiet, f"{tag}: failed (exit code {code}; see {solver_dir / ERROR})")
                     continue
             else:
-                run_solver(solver_dir, chunk_size=chunk_size, quiet=quiet)
+                run_solver(solver_dir, chunk_size=chunk_size, quiet=quiet, val_every=val_every,
+                           val_tasks=val_tasks)
             ran += 1
             elapsed = time.perf_counter() - start
             left = sum(1 for n in solvers[i:] if not (out / n / RESULT).exists())
