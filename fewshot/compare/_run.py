@@ -271,6 +271,9 @@ def _evaluate(est, sampler, n_tasks: int, seed: int, progress=None):
     return float(a.mean()), float(ci), scores
 
 
+_NO_VALIDATION = "val_every needs a task family with a validation split (omniglot, folder), not {!r}"
+
+
 class _ValCurve:
     """Validation accuracy against meta-steps, in ``<solver>/val_curve.json``: the first ``n_tasks``
     tasks of the validation pool that ends the run (same seed), scored every ``every`` meta-steps.
@@ -285,8 +288,7 @@ class _ValCurve:
         self.points = []
         if self.path.exists():
             saved = _read_json(self.path)
-            if {k: saved.get(k) for k in ("n_tasks", "eval_seed")} != {k: self.header[k] for k in
-                                                                       ("n_tasks", "eval_seed")}:
+            if any(saved.get(k) != self.header[k] for k in ("n_tasks", "eval_seed")):
                 raise UsageError(f"{self.path} was scored on {saved.get('n_tasks')} validation tasks "
                                  f"(seed {saved.get('eval_seed')}); pass val_tasks={saved.get('n_tasks')} "
                                  f"(--val-tasks) or delete the file")
@@ -348,8 +350,7 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
     curve = None
     if val_every:
         if val is None:
-            raise UsageError(f"val_every needs a task family with a validation split (omniglot, folder), "
-                             f"not {spec['dataset']!r}")
+            raise UsageError(_NO_VALIDATION.format(spec["dataset"]))
         curve = _ValCurve(solver_dir, spec, val_every, val_tasks, val)
     baseline = _peak_rss_mb()
     checkpoint = solver_dir / CHECKPOINT
@@ -819,8 +820,7 @@ def run_comparison(solvers=None, *, dataset: str = "sinusoid", protocol: str = "
         raise UsageError(f"val_every={val_every} must be a multiple of chunk_size={chunk_size} (the "
                          "validation curve is scored between chunks)")
     if val_every and dataset not in ("omniglot", "folder"):  # the families make_samplers validates on
-        raise UsageError(f"val_every needs a task family with a validation split (omniglot, folder), "
-                         f"not {dataset!r}")
+        raise UsageError(_NO_VALIDATION.format(dataset))
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UsageError(f"threads must be a positive integer or None, got {threads!r}")
     overrides = dict(split=split, n_way=n_way, k_shot=k_shot, n_query=n_query, eval_query=eval_query,
