@@ -402,6 +402,20 @@ def test_a_task_setting_amends_the_dataset_entries(monkeypatch):
         fewshot.SOLVERS[name](**params)._validate_params()
 
 
+def test_the_shipped_omniglot_settings():
+    solvers = list(fewshot.SOLVERS)
+    by_key = {(n, k): _protocols.resolve("tuned", "omniglot", solvers, {"n_way": n, "k_shot": k})
+              for n in (5, 20) for k in (1, 5)}
+    assert {_protocols.setting_key(c) for c in by_key.values()} == {"5w1s", "5w5s", "20w1s", "20w5s"}
+    # 5-way 5-shot takes the 5-way 1-shot entries as they are
+    assert by_key[5, 5]["solvers"] == by_key[5, 1]["solvers"]
+    assert by_key[5, 5]["solver_tasks"] == by_key[5, 1]["solver_tasks"] != {}
+    # 20-way trains every solver on one query per class, with the 5-way estimator settings
+    for k in (1, 5):
+        assert by_key[20, k]["n_query"] == 1 and by_key[20, k]["solver_tasks"] == {}
+        assert by_key[20, k]["solvers"] == by_key[5, 1]["solvers"]
+
+
 def test_a_solver_entry_sets_its_own_training_query_size(tmp_path, monkeypatch):
     table = copy.deepcopy(_protocols.PROTOCOLS)
     table["tuned"]["datasets"]["sinusoid"]["solvers"]["FOMAML"] = {"n_query": 3, "inner_steps": 2}
