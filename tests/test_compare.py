@@ -410,10 +410,14 @@ def test_the_shipped_omniglot_settings():
     # 5-way 5-shot takes the 5-way 1-shot entries as they are
     assert by_key[5, 5]["solvers"] == by_key[5, 1]["solvers"]
     assert by_key[5, 5]["solver_tasks"] == by_key[5, 1]["solver_tasks"] != {}
-    # 20-way trains every solver on one query per class, with the 5-way estimator settings
+    # 20-way trains every solver on one query per class, and the report's loop takes steps of 0.1
     for k in (1, 5):
+        twenty, five = by_key[20, k]["solvers"], by_key[5, 1]["solvers"]
         assert by_key[20, k]["n_query"] == 1 and by_key[20, k]["solver_tasks"] == {}
-        assert by_key[20, k]["solvers"] == by_key[5, 1]["solvers"]
+        stepped = {name for name in solvers if twenty[name] != five[name]}
+        assert stepped == {"MAML", "FOMAML", "IMAML", "NeumannMAML"}
+        for name in stepped:
+            assert five[name]["inner_lr"] == 0.01 and twenty[name] == {**five[name], "inner_lr": 0.1}
 
 
 def test_a_solver_entry_sets_its_own_training_query_size(tmp_path, monkeypatch):
