@@ -214,6 +214,7 @@ PROTOCOLS = {
                     # 20-way 5-shot: one training query per class as well. ANIL pilots of 500 steps
                     # scored 97.58% with 1 query and 97.59% with 5 (MAML's K) on 600 validation
                     # tasks, the 5 queries at 1.4x the time per step (docs/results.md, "20-way 5-shot").
+                    # The 20-way inner step of 0.1 above, not yet compared at 5 shots.
                     "20w5s": {"shared": {"n_query": 1}, "solvers": TWENTY_WAY_INNER_STEP},
                 },
             },
