@@ -112,3 +112,19 @@ def test_shipped_omniglot_meta_parameters_adapt_at_once():
     result = json.loads((SHIPPED / "result.json").read_text())
     mean = _run._evaluate(est, _run.make_samplers(config).test, 50, config["eval_seed"])[0]
     assert mean == pytest.approx(sum(result["scores"][:50]) / 50, abs=1e-12)
+
+
+RESULTS = SHIPPED.parents[1]
+SETTING_RUNS = sorted(
+    run.parent for setting in ("5w5s", "20w1s", "20w5s") for run in (RESULTS / f"omniglot-{setting}-2000").glob("*/result.json")
+)
+
+
+@pytest.mark.parametrize("run", SETTING_RUNS, ids=[f"{r.parent.name}/{r.name}" for r in SETTING_RUNS])
+def test_every_setting_run_ships_meta_parameters_matching_its_config(run):
+    """Each finished run of the 5-way 5-shot and 20-way tables ships its meta-parameters, and they
+    load as the estimator its config.json describes: the solver, its settings and n_way outputs."""
+    config = json.loads((run / "config.json").read_text())
+    est = fewshot.load_meta_params(run / "meta_params.pt")
+    assert type(est).__name__ == config["solver"] and est.n_outputs_ == config["n_way"]
+    assert {k: est.get_params()[k] for k in config["params"]} == config["params"]
