@@ -177,6 +177,20 @@ def test_interrupted_solver_resumes_bit_identically(tmp_path):
     assert load_estimator(interrupted).get_params() == plain.get_params()
 
 
+def test_a_run_records_the_cpu_instruction_sets_it_ran_on_and_says_when_it_changes(tmp_path, capsys):
+    run, _ = solver_dir(tmp_path, "FOMAML", meta_steps=4)
+    assert _compare.run_solver(run, chunk_size=2, max_chunks=1, quiet=False) is None
+    here = torch.backends.cpu.get_cpu_capability()
+    state = json.loads((run / "state.json").read_text())
+    assert state["cpu_capabilities"] == [here]
+    assert "resumed on" not in capsys.readouterr().out
+    state["cpu_capabilities"] = ["AVX512" if here != "AVX512" else "AVX2"]  # as if it began elsewhere
+    (run / "state.json").write_text(json.dumps(state))
+    result = _compare.run_solver(run, chunk_size=2, quiet=False)
+    assert f"FOMAML: resumed on a {here} CPU after {state['cpu_capabilities'][0]}" in capsys.readouterr().out
+    assert result["cpu_capabilities"] == [state["cpu_capabilities"][0], here]
+
+
 def test_solver_warnings_are_summarised_once_per_session_not_per_chunk(tmp_path):
     # An undamped series with lam far below the curvature diverges at every meta-step.
     config = _protocols.resolve("tuned", "sinusoid", ["NeumannMAML"],
@@ -535,6 +549,7 @@ def test_omniglot_rows_are_scored_on_validation_and_test_characters(tmp_path):
         eval_tasks=2, fidelity_tasks=0, quiet=True, isolate=False).results).splitlines()[0]
 
 
+@pytest.mark.skipif(not os.environ.get("FEWSHOT_DATA"), reason="needs Omniglot (FEWSHOT_DATA)")
 def test_validation_curve_leaves_training_as_it_is_and_survives_resume_and_extension(tmp_path):
     """--val-every: validation scores against meta-steps, from the run's starting point, on the first
     tasks of the final validation pool; training, scores and resumes are bit for bit unchanged."""

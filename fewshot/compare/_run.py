@@ -4,7 +4,7 @@ Layout of the output folder ``out``::
 
     out/<solver>/config.json        the solver's resolved settings (what identifies its run)
     out/<solver>/checkpoint.pt      the estimator's meta_fit checkpoint, written after every chunk
-    out/<solver>/state.json         what is not estimator state: sessions, peak memory, status
+    out/<solver>/state.json         what is not estimator state: sessions, CPU instruction sets, peak memory, status
     out/<solver>/history.json       estimator.history_ (learning curves)
     out/<solver>/meta_params.pt     the meta-trained parameters, weights only (fewshot.load_meta_params)
     out/<solver>/val_curve.json     validation accuracy against meta-steps (with val_every)
@@ -326,7 +326,7 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
 
     Meta-trains in chunks of ``chunk_size`` meta-steps, each a ``meta_fit`` with
     ``checkpoint=checkpoint.pt`` (which restores the run from that file and writes it after the
-    chunk's last step) followed by ``state.json`` (sessions, memory, status), then evaluates and
+    chunk's last step) followed by ``state.json`` (sessions, CPU instruction sets, memory, status), then evaluates and
     writes ``history.json`` and ``result.json``. A finished solver (``result.json`` present) is not
     run again. ``max_chunks`` stops after that many chunks and returns ``None`` (as an interruption
     would; used to test resuming). ``val_every`` (a multiple of ``chunk_size``; 0: never) scores
@@ -359,6 +359,15 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
     if (solver_dir / STATE).exists():
         state.update(_read_json(solver_dir / STATE))
     state["sessions"] += 1
+    # Kernels differ by instruction set (AVX-512, AVX2, ...): a run resumed on another one continues
+    # correctly but not bit for bit as it would have on the first.
+    cpu = torch.backends.cpu.get_cpu_capability()
+    seen = state.setdefault("cpu_capabilities", [])
+    if seen and cpu not in seen and not quiet:
+        print(f"{name}: resumed on a {cpu} CPU after {', '.join(seen)}; the run continues correctly, "
+              "but not bit for bit as it would have on the first CPU", flush=True)
+    if cpu not in seen:
+        seen.append(cpu)
     _write_json(solver_dir / STATE, state)  # counts this session even if it is stopped in its first chunk
     est = _run_estimator(spec)
     verbose = est.verbose
@@ -447,7 +456,8 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
         "train_time_s": train_time, "s_per_step": train_time / steps if steps else None,
         "peak_rss_mb": state["peak_rss_mb"], "train_rss_mb": state["train_rss_mb"],
         "rss_scope": rss_scope, "eval_time_s": eval_time, "status": status,
-        "sessions": state["sessions"], "threads": torch.get_num_threads(),
+        "sessions": state["sessions"], "cpu_capabilities": state["cpu_capabilities"],
+        "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch_version": torch.__version__, "scores": scores,
     }
