@@ -115,9 +115,8 @@ def test_shipped_omniglot_meta_parameters_adapt_at_once():
 
 
 RESULTS = SHIPPED.parents[1]
-SETTING_RUNS = sorted(
-    run.parent for setting in ("5w5s", "20w1s", "20w5s") for run in (RESULTS / f"omniglot-{setting}-2000").glob("*/result.json")
-)
+SETTING_RUNS = sorted(run.parent for setting in ("5w5s", "20w1s", "20w5s")
+                      for run in (RESULTS / f"omniglot-{setting}-2000").glob("*/result.json"))
 
 
 @pytest.mark.parametrize("run", SETTING_RUNS, ids=[f"{r.parent.name}/{r.name}" for r in SETTING_RUNS])

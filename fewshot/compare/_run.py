@@ -4,7 +4,8 @@ Layout of the output folder ``out``::
 
     out/<solver>/config.json        the solver's resolved settings (what identifies its run)
     out/<solver>/checkpoint.pt      the estimator's meta_fit checkpoint, written after every chunk
-    out/<solver>/state.json         what is not estimator state: sessions, CPU instruction sets, peak memory, status
+    out/<solver>/state.json         what is not estimator state: sessions, CPU instruction sets,
+                                    peak memory, status
     out/<solver>/history.json       estimator.history_ (learning curves)
     out/<solver>/meta_params.pt     the meta-trained parameters, weights only (fewshot.load_meta_params)
     out/<solver>/val_curve.json     validation accuracy against meta-steps (with val_every)
@@ -326,8 +327,8 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
 
     Meta-trains in chunks of ``chunk_size`` meta-steps, each a ``meta_fit`` with
     ``checkpoint=checkpoint.pt`` (which restores the run from that file and writes it after the
-    chunk's last step) followed by ``state.json`` (sessions, CPU instruction sets, memory, status), then evaluates and
-    writes ``history.json`` and ``result.json``. A finished solver (``result.json`` present) is not
+    chunk's last step) followed by ``state.json`` (sessions, CPU instruction sets, memory, status),
+    then evaluates and writes ``history.json`` and ``result.json``. A finished solver (``result.json`` present) is not
     run again. ``max_chunks`` stops after that many chunks and returns ``None`` (as an interruption
     would; used to test resuming). ``val_every`` (a multiple of ``chunk_size``; 0: never) scores
     ``val_tasks`` validation tasks at every multiple of it, the run's current step included, into
@@ -363,10 +364,10 @@ def run_solver(solver_dir, *, chunk_size: int = 50, quiet: bool = False, max_chu
     # correctly but not bit for bit as it would have on the first.
     cpu = torch.backends.cpu.get_cpu_capability()
     seen = state.setdefault("cpu_capabilities", [])
-    if seen and cpu not in seen and not quiet:
-        print(f"{name}: resumed on a {cpu} CPU after {', '.join(seen)}; the run continues correctly, "
-              "but not bit for bit as it would have on the first CPU", flush=True)
     if cpu not in seen:
+        if seen and not quiet:
+            print(f"{name}: resumed on a {cpu} CPU after {', '.join(seen)}; the run continues correctly, "
+                  "but not bit for bit as it would have on the first CPU", flush=True)
         seen.append(cpu)
     _write_json(solver_dir / STATE, state)  # counts this session even if it is stopped in its first chunk
     est = _run_estimator(spec)
