@@ -147,14 +147,14 @@ PROTOCOLS = {
         "datasets": {
             # 5 query examples per class in meta-training (evaluation still uses 15) for Reptile and
             # PenaltyMAML: five times MAML's original 1, which lowers the variance of each task's
-            # meta-gradient at a fraction of the cost of 15 (docs/results.md, "Other settings of the
-            # tuned protocol"). MAML, FOMAML, IMAML and NeumannMAML train on 15 (REPORT_INNER_LOOP).
+            # meta-gradient at a fraction of the cost of 15 (docs/results.md, "Training queries
+            # per class"). MAML, FOMAML, IMAML and NeumannMAML train on 15 (REPORT_INNER_LOOP).
             "omniglot": {
                 "shared": {"n_query": 5},
                 "solvers": {
                     # The report's inner loop (5 steps of 0.01, Adam 1e-3, 15 training queries per
                     # class), chosen on 600 validation tasks after 2,000-step runs, over steps of 0.4
-                    # with 5 training queries at several Adam steps (docs/results.md, "The meta step").
+                    # with 5 training queries at several Adam steps (docs/results.md, "The outer step").
                     "MAML": {**REPORT_INNER_LOOP},
                     # The same with Adam from 5e-3 annealed linearly to zero, chosen on validation
                     # tasks over the constant 1e-3 (docs/results.md).
@@ -178,7 +178,7 @@ PROTOCOLS = {
                     # step, and the outer step anneals linearly to zero. Compared with full-batch inner
                     # loops on the support set and on support and query: docs/results.md.
                     "Reptile": {"inner_data": "task", "inner_shots": 1, "meta_lr_schedule": "linear"},
-                    # Adam 5e-3, chosen on validation tasks over 1e-3 (docs/results.md, "The meta step").
+                    # Adam 5e-3, chosen on validation tasks over 1e-3 (docs/results.md, "The outer step").
                     "PenaltyMAML": {"meta_lr": 5e-3},
                     # The shared inner loop (steps of 0.4, 5 in meta-training, 10 at test, 5 training
                     # queries per class, Adam 1e-3), chosen on 600 validation tasks after 2,000 steps
@@ -205,7 +205,7 @@ PROTOCOLS = {
                     # 5-way task make 5 queries cost ANIL 4-6x and FOMAML 2x a meta-step. ANIL pilots
                     # of 500 steps scored 92.77% (1 query) and 93.11% (5) on 600 validation tasks;
                     # in the time of those 500 five-query steps, one query reaches 2,000 steps and
-                    # 94.30% (docs/results.md, "20-way 1-shot").
+                    # 94.30% (docs/results.md, "Training queries per class").
                     # The report's inner loop (5 steps of 0.01) barely adapts a 20-way task: FOMAML
                     # scored 8.2% on 600 validation tasks after 500 steps, and 79.8% with MAML's own
                     # 20-way step of 0.1. MAML, IMAML and NeumannMAML take that step too (not
@@ -213,7 +213,8 @@ PROTOCOLS = {
                     "20w1s": {"shared": {"n_query": 1}, "solvers": TWENTY_WAY_INNER_STEP},
                     # 20-way 5-shot: one training query per class as well. ANIL pilots of 500 steps
                     # scored 97.58% with 1 query and 97.59% with 5 (MAML's K) on 600 validation
-                    # tasks, the 5 queries at 1.4x the time per step (docs/results.md, "20-way 5-shot").
+                    # tasks, the 5 queries at 1.4x the time per step (docs/results.md, "Training
+                    # queries per class").
                     # The 20-way inner step of 0.1 above, not yet compared at 5 shots.
                     "20w5s": {"shared": {"n_query": 1}, "solvers": TWENTY_WAY_INNER_STEP},
                 },
@@ -232,13 +233,13 @@ PROTOCOLS = {
                     # k steps of size alpha act like a ridge penalty of weight about 1/(alpha k)
                     # (early stopping as regularisation): lam = 1/(0.01 * 10) = 10 for IMAML's 10
                     # steps, so its proximal inner problem is the one the inner loop can solve
-                    # (compared with the general lam=0.5: docs/results.md, "Other settings of the
-                    # tuned protocol").
+                    # (compared with the general lam=0.5: docs/defaults.md, "The tuned protocol on
+                    # sinusoid").
                     "IMAML": {"lam": 10.0},
                     # lam=20 = 1/(0.01 * 5) as above; with eta=0.15 the series converges for
                     # support-loss curvature up to lam (2/eta - 1) = 247, above the curvature measured
                     # on sinusoid tasks, where smaller lam or larger eta let it diverge
-                    # (docs/results.md, "Other settings of the tuned protocol").
+                    # (docs/defaults.md, "The tuned protocol on sinusoid").
                     "NeumannMAML": {"lam": 20.0, "neumann_lr": 0.15},
                     "FineTune": {"inner_lr": 0.01},  # 0.1 diverges on sinusoid features
                 },

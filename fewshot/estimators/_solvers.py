@@ -331,7 +331,7 @@ class IMAML(_ProximalInnerProblem):
     when in most) and the meta-step follows a gradient of no objective. The defaults (10 steps with
     backtracking, ``lam=1``; ``inner_lr="auto"``) train every offline task family for their 2,000
     meta-steps (``python -m pytest -m slow``); 5 steps of 0.01 on sinusoid regression did not, with
-    or without backtracking (``docs/results.md``, "Defaults of the implicit solvers").
+    or without backtracking (``docs/defaults.md``).
 
     Parameters
     ----------
@@ -454,7 +454,7 @@ class PenaltyMAML(MetaLearner):
         Weight lambda of the penalty. The penalty is not scale-free: ``||grad Ls||^2`` grows with the
         square of the loss's scale, and when it outweighs ``Lq`` meta-training flattens the support
         loss instead of fitting the query set (at 0.1 on ``LinearRegressionTasks`` the score fell
-        below the untrained one; ``docs/results.md``).
+        below the untrained one; ``docs/defaults.md``).
     memory_efficient : bool, default=False
         As in :class:`MAML`.
     {attributes}
