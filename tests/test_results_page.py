@@ -75,8 +75,9 @@ def test_each_row_shows_its_result_file(section, method, named, folder):
     if result.get("val_score_mean") is not None:
         assert score(named["validation"]) == (round(100 * result["val_score_mean"], 2),
                                               round(100 * result["val_score_ci95"], 2))
-    step = float(named["s / step"].split()[0])
-    assert step == round(result["s_per_step"], 2)
+    step = named["s / step"]
+    assert float(step.split()[0]) == round(result["s_per_step"], 2)
+    assert ("(2 threads)" in step) == (result["threads"] == 2)  # one thread unless the row says so
     assert ("(shipped)" in named["folder"]) == (folder / "meta_params.pt").is_file()
 
 
