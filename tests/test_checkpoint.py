@@ -149,6 +149,10 @@ def test_parameters_that_may_differ(sampler, tmp_path):
     make(fewshot.MAML, meta_steps=2).meta_fit(sampler, checkpoint=path)
     est = make(fewshot.MAML, meta_steps=3, verbose=0, device="cpu", warm_start=True)
     assert est.meta_fit(sampler, checkpoint=path).n_iter_ == 3
+    # adapt_steps only sets test-time adaptation: training resumes exactly as without the change
+    rescored = make(fewshot.MAML, meta_steps=4, adapt_steps=7).meta_fit(sampler, checkpoint=path)
+    assert rescored.adapt_steps == 7
+    assert_same_run(rescored, make(fewshot.MAML, meta_steps=4).meta_fit(sampler))
 
 
 def test_refuses_other_solver_or_parameters(sampler, tmp_path):

@@ -275,6 +275,32 @@ def test_more_meta_steps_extend_a_finished_run_exactly(tmp_path):
     assert_same_training(load_estimator(tmp_path / "a" / "FOMAML"), load_estimator(tmp_path / "b" / "FOMAML"))
 
 
+def test_other_scoring_settings_score_a_finished_run_again_without_training_it(tmp_path):
+    """Test-time adaptation steps and the evaluation pool only decide how a run is scored: asked for
+    with other values, a finished run is scored again from its checkpoint, as a run made with them."""
+    kw = dict(dataset="sinusoid", meta_batch_size=2, inner_steps=1, fidelity_tasks=0, quiet=True,
+              isolate=False, threads=1, chunk_size=2)
+    steps = lambda n: {"set_params": {"*": {"adapt_steps": n}}}
+    result = lambda d: json.loads((tmp_path / d / "FOMAML" / "result.json").read_text())
+    run_comparison(["FOMAML"], meta_steps=3, eval_tasks=3, out=tmp_path / "a", **kw)
+    first, trained = result("a"), load_estimator(tmp_path / "a" / "FOMAML")
+    run_comparison(["FOMAML"], meta_steps=3, eval_tasks=5, out=tmp_path / "a", **kw, **steps(4))
+    run_comparison(["FOMAML"], meta_steps=3, eval_tasks=5, out=tmp_path / "b", **kw, **steps(4))
+    again, straight = result("a"), result("b")
+    assert again["scores"] == straight["scores"] and len(again["scores"]) == 5
+    assert again["train_time_s"] == first["train_time_s"] and again["sessions"] == 2  # not trained again
+    assert_same_training(load_estimator(tmp_path / "a" / "FOMAML"), trained)
+    config = json.loads((tmp_path / "a" / "FOMAML" / "config.json").read_text())
+    assert (config["eval_tasks"], config["params"]["adapt_steps"]) == (5, 4)
+    # more meta-steps and another scoring at once: the run continues exactly and is scored again
+    run_comparison(["FOMAML"], meta_steps=5, eval_tasks=5, out=tmp_path / "a", **kw, **steps(2))
+    run_comparison(["FOMAML"], meta_steps=5, eval_tasks=5, out=tmp_path / "c", **kw, **steps(2))
+    assert result("a")["scores"] == result("c")["scores"] and result("a")["meta_steps"] == 5
+    assert_same_training(load_estimator(tmp_path / "a" / "FOMAML"), load_estimator(tmp_path / "c" / "FOMAML"))
+    with pytest.raises(UsageError, match="inner_lr"):  # a change to training is still refused
+        run_comparison(["FOMAML"], meta_steps=5, eval_tasks=5, inner_lr=0.123, out=tmp_path / "a", **kw)
+
+
 def test_divergence_is_a_row_not_a_crash(tmp_path):
     result = run_comparison(["FOMAML", "FineTune"], dataset="sinusoid", meta_steps=6, meta_batch_size=2,
                             inner_steps=3, set_params={"FOMAML": {"inner_lr": 1e4}}, eval_tasks=3,
@@ -431,7 +457,11 @@ def test_the_shipped_omniglot_settings():
         stepped = {name for name in solvers if twenty[name] != five[name]}
         assert stepped == {"MAML", "FOMAML", "IMAML", "NeumannMAML"}
         for name in stepped:
-            assert five[name]["inner_lr"] == 0.01 and twenty[name] == {**five[name], "inner_lr": 0.1}
+            # IMAML adapts at test as it trains (its 5-way 20 steps are for steps of 0.01)
+            test_steps = {"adapt_steps": None} if name == "IMAML" else {}
+            assert five[name]["inner_lr"] == 0.01
+            assert twenty[name] == {**five[name], "inner_lr": 0.1, **test_steps}
+        assert five["IMAML"]["adapt_steps"] == 20
 
 
 def test_a_solver_entry_sets_its_own_training_query_size(tmp_path, monkeypatch):
@@ -583,6 +613,9 @@ def test_validation_curve_leaves_training_as_it_is_and_survives_resume_and_exten
     run_comparison(["FOMAML"], meta_steps=6, out=tmp_path / "a", val_every=2, val_tasks=3, **kw)
     assert [p["meta_step"] for p in curve("a")["points"]] == [0, 2, 4, 6]
     assert curve("a")["points"][:3] == saved["points"]
+    rescored = {**kw, "set_params": {"*": {**constant["*"], "adapt_steps": 2}}}  # its points used 1
+    with pytest.raises(UsageError, match=r"val_curve.json was scored with .*adapt_steps: 1 -> 2"):
+        run_comparison(["FOMAML"], meta_steps=6, out=tmp_path / "a", val_every=2, val_tasks=3, **rescored)
     for bad, match in [(dict(val_every=3), "must be a multiple of chunk_size=2"),
                        (dict(val_every=-2), "val_every must be an integer >= 0"),
                        (dict(val_every=2, dataset="sinusoid"), "needs a task family with a validation split")]:

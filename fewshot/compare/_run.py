@@ -681,15 +681,40 @@ def _fidelity(out: Path, config: dict, names, n_tasks: int, force: bool, quiet: 
 # The comparison
 
 
+#: Settings that only decide how a trained run is scored (the evaluation pools and the test-time
+#: adaptation steps): a run asked for with other values of them is scored again, not trained again.
+SCORING_KEYS = ("eval_query", "eval_tasks", "eval_seed")
+SCORING_PARAMS = ("adapt_steps",)
+
+
+def _training(spec: dict, *, steps: bool = True) -> dict:
+    """The settings of ``spec`` that decide meta-training (without ``meta_steps`` if not ``steps``)."""
+    drop = SCORING_PARAMS if steps else SCORING_PARAMS + ("meta_steps",)
+    return {**{k: v for k, v in spec.items() if k not in SCORING_KEYS},
+            "params": {k: v for k, v in spec["params"].items() if k not in drop}}
+
+
+def _is_rescoring(old: dict, new: dict) -> bool:
+    """Whether ``new`` asks for the run ``old`` trained the same way and scored another way."""
+    return old != new and _training(old) == _training(new)
+
+
+def _scoring_change(old: dict, new: dict) -> str:
+    """The scoring settings that differ between ``old`` and ``new``, as ``"key: old -> new"``."""
+    pairs = [(k, old.get(k), new.get(k)) for k in SCORING_KEYS]
+    pairs += [(k, old["params"].get(k), new["params"].get(k)) for k in SCORING_PARAMS]
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in pairs if a != b)
+
+
 def _is_extension(old: dict, new: dict) -> bool:
-    """Whether ``new`` asks for the run ``old`` with more meta-steps and nothing else changed."""
+    """Whether ``new`` asks for the run ``old`` with more meta-steps and no other change to its
+    training (its scoring may change too)."""
     old_steps, new_steps = old["params"].get("meta_steps"), new["params"].get("meta_steps")
     if not (isinstance(old_steps, int) and isinstance(new_steps, int) and new_steps > old_steps):
         return False
     if old["params"].get("meta_lr_schedule", "constant") != "constant":
         return False  # the learning rates of the steps already taken depend on the run's length
-    strip = lambda spec: {**spec, "params": {k: v for k, v in spec["params"].items() if k != "meta_steps"}}
-    return strip(old) == strip(new)
+    return _training(old, steps=False) == _training(new, steps=False)
 
 
 def _schedule_of(est) -> str:
@@ -710,9 +735,16 @@ def _prepare_dir(solver_dir: Path, spec: dict, force: bool) -> None:
             if (solver_dir / RESULT).exists() and {**old, "threads": None} == {**_jsonable(spec), "threads": None}:
                 return  # finished with another thread count: the same run, reused as it was made
             has_state = any((solver_dir / f).exists() for f in (CHECKPOINT, RESULT))
-            if has_state and _is_extension(old, _jsonable(spec)) and (solver_dir / CHECKPOINT).exists():
-                # more meta-steps, nothing else changed: continue the run from its last checkpoint
-                # (bit for bit the run a single invocation with the larger meta_steps makes)
+            kept = _is_extension(old, _jsonable(spec)) or _is_rescoring(old, _jsonable(spec))
+            if has_state and kept and (solver_dir / CHECKPOINT).exists():
+                # more meta-steps or other scoring settings, training otherwise unchanged: continue the
+                # run from its last checkpoint (bit for bit the run a single invocation with the new
+                # settings makes) and score it again
+                change = _scoring_change(old, _jsonable(spec))
+                if change and (solver_dir / VAL_CURVE).exists():
+                    raise UsageError(f"{solver_dir / VAL_CURVE} was scored with the run's earlier settings "
+                                     f"({change}); move it away to score the run again, or choose another "
+                                     "out folder")
                 (solver_dir / RESULT).unlink(missing_ok=True)
             elif has_state:
                 diff = sorted(k for k in set(old) | set(spec) if old.get(k) != _jsonable(spec).get(k))

@@ -32,9 +32,9 @@ __all__ = ["FORMAT", "VERSION", "FREE_PARAMS", "check_options", "describe_params
 FORMAT = "fewshot.meta_fit.checkpoint"
 VERSION = 1
 #: Estimator parameters that may differ between the run that wrote a checkpoint and the one that
-#: resumes it: the total step target, logging, placement, and warm_start (a checkpoint always
-#: resumes from the file).
-FREE_PARAMS = frozenset({"meta_steps", "verbose", "device", "warm_start"})
+#: resumes it: the total step target, logging, placement, warm_start (a checkpoint always resumes
+#: from the file) and adapt_steps (test-time adaptation only; meta-training never reads it).
+FREE_PARAMS = frozenset({"meta_steps", "verbose", "device", "warm_start", "adapt_steps"})
 #: Parameters added after checkpoints of this format were first written, with the behaviour the
 #: estimators had before (every parameter adapted; MAML++ without per-step batch-norm weights):
 #: a checkpoint that lacks one was written with that value.
