@@ -74,8 +74,8 @@ class MetaLearner(Setup, Guards, Adaptation, BaseEstimator):
             ``os.replace``) and loads with ``torch.load(weights_only=True)``. Networks, loss
             callables and optimizer classes are not saved as code: construct the same estimator to
             resume; a checkpoint of another solver, or of parameters that differ (except
-            ``meta_steps``, ``verbose``, ``device`` and ``warm_start``), is refused with a
-            ``ValueError`` naming the difference.
+            ``meta_steps``, ``verbose``, ``device``, ``warm_start`` and the test-time
+            ``adapt_steps``), is refused with a ``ValueError`` naming the difference.
         checkpoint_every : int, optional
             Also write the checkpoint after every ``checkpoint_every`` steps (it is always written
             after the last step). Needs ``checkpoint``.
