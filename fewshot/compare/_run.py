@@ -731,24 +731,25 @@ def _prepare_dir(solver_dir: Path, spec: dict, force: bool) -> None:
         old = _read_json(path)
         if "threads" not in old:  # a config.json without a thread count: take the requested one
             old["threads"] = spec.get("threads")
-        if old != _jsonable(spec):
-            if (solver_dir / RESULT).exists() and {**old, "threads": None} == {**_jsonable(spec), "threads": None}:
+        new = _jsonable(spec)
+        if old != new:
+            if (solver_dir / RESULT).exists() and {**old, "threads": None} == {**new, "threads": None}:
                 return  # finished with another thread count: the same run, reused as it was made
             has_state = any((solver_dir / f).exists() for f in (CHECKPOINT, RESULT))
-            kept = _is_extension(old, _jsonable(spec)) or _is_rescoring(old, _jsonable(spec))
+            kept = _is_extension(old, new) or _is_rescoring(old, new)
             if has_state and kept and (solver_dir / CHECKPOINT).exists():
                 # more meta-steps or other scoring settings, training otherwise unchanged: continue the
                 # run from its last checkpoint (bit for bit the run a single invocation with the new
                 # settings makes) and score it again
-                change = _scoring_change(old, _jsonable(spec))
+                change = _scoring_change(old, new)
                 if change and (solver_dir / VAL_CURVE).exists():
                     raise UsageError(f"{solver_dir / VAL_CURVE} was scored with the run's earlier settings "
                                      f"({change}); move it away to score the run again, or choose another "
                                      "out folder")
                 (solver_dir / RESULT).unlink(missing_ok=True)
             elif has_state:
-                diff = sorted(k for k in set(old) | set(spec) if old.get(k) != _jsonable(spec).get(k))
-                detail = ", ".join(f"{k}: {old.get(k)!r} -> {_jsonable(spec).get(k)!r}" for k in diff)
+                diff = sorted(k for k in set(old) | set(spec) if old.get(k) != new.get(k))
+                detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
                 raise UsageError(f"{solver_dir} holds a run with other settings ({detail}); pass "
                                  "force=True (--force) to discard it, or choose another out folder")
             else:  # nothing was trained under the old settings: start afresh
