@@ -20,7 +20,9 @@ then counts the FLOPs of one meta-batch's meta-gradient with
 ``matmul`` measures the machine's float32 matrix-multiply rate; ``check-flops`` checks that
 ``FlopCounterMode`` counts the work under ``torch.func`` correctly (against a count of the
 network's convolutions by hand and against the same computation in plain autograd); ``profile``
-prints ``torch.profiler`` key averages of one meta-step (not JSON).
+prints ``torch.profiler`` key averages of one meta-step (not JSON). ``--device`` (``time``,
+``matmul``, ``profile``) runs on another torch device, e.g. ``cuda``; there ``time`` also reports
+the peak memory allocated on the device during the timed meta-steps (``peak_device_mb``).
 """
 
 from __future__ import annotations
@@ -76,16 +78,16 @@ class WorkloadTasks(TaskSampler):
 
 
 def make_estimator(solver: str, options: dict, workload_name: str, inner_steps: int, meta_steps: int,
-                   task_threads="auto"):
+                   task_threads="auto", device="cpu"):
     """``solver`` (a fewshot class name) set up like the peers: the workload's inner lr and
-    meta-batch, Adam at ``configs.META_LR``, CPU, float32, no logging-only passes."""
+    meta-batch, Adam at ``configs.META_LR``, float32, no logging-only passes; on ``device``."""
     workload = configs.WORKLOADS[workload_name]
     cls = fewshot.SOLVERS[solver]
     options = dict(options)
     task_threads = options.pop("task_threads", task_threads)  # a variant's own setting wins
     return cls(model=workload["model"], inner_lr=workload["inner_lr"], inner_steps=inner_steps,
                meta_lr=configs.META_LR, meta_batch_size=workload["n_tasks"], meta_steps=meta_steps,
-               meta_optimizer="adam", device="cpu", dtype="float32", random_state=0,
+               meta_optimizer="adam", device=device, dtype="float32", random_state=0,
                full_history=False, task_threads=task_threads, **options)
 
 
@@ -115,10 +117,29 @@ def count_flops(fn) -> tuple[int, dict]:
     return int(counter.get_total_flops()), by_op
 
 
-def _environment(threads) -> dict:
+def _environment(threads, device="cpu") -> dict:
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {"python": platform.python_version(), "executable": sys.executable,
             "torch_version": torch.__version__, "fewshot_version": fewshot.__version__,
-            "threads": threads}
+            "threads": threads, "device": str(device), "device_name": name}
+
+
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_device_memory(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _device_memory_mb(device) -> dict:
+    """Peak memory allocated on a CUDA ``device`` since the last reset (empty elsewhere)."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"peak_device_mb": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,11 +152,13 @@ def cmd_time(args) -> dict:
     # builds its model and imports its library before its own. Then the timed meta-steps continue.
     rss_start = _max_rss_mb()
     estimator = make_estimator(args.solver, options, args.workload, args.inner_steps, 0,
-                               _task_threads(args.task_threads)).meta_fit(sampler)
+                               _task_threads(args.task_threads), args.device).meta_fit(sampler)
     rss_before = _max_rss_mb()
+    _reset_device_memory(args.device)
     estimator.set_params(warm_start=True, meta_steps=args.warmup + args.steps)
-    estimator.meta_fit(sampler)
+    estimator.meta_fit(sampler)  # each meta-step's time is read after a host sync (its statistics)
     rss_after = _max_rss_mb()
+    device_memory = _device_memory_mb(args.device)
     times = _step_times(estimator.history_)[args.warmup:]
     result = {
         "library": "fewshot", "solver": args.solver, "options": options,
@@ -146,7 +169,7 @@ def cmd_time(args) -> dict:
         "setup_rss_mb": rss_before - rss_start,
         "task_threads": _resolved_task_threads(estimator.task_threads),
         "params_finite": all(bool(torch.isfinite(p).all()) for p in estimator.params_.values()),
-        **_environment(args.threads),
+        **device_memory, **_environment(args.threads, args.device),
     }
     if "solve_iters" in estimator.history_:
         result["mean_solve_iters"] = statistics.mean(estimator.history_["solve_iters"])
@@ -162,17 +185,19 @@ def cmd_time(args) -> dict:
 def cmd_matmul(args) -> dict:
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(args.size, args.size, generator=gen)
-    b = torch.randn(args.size, args.size, generator=gen)
+    a = torch.randn(args.size, args.size, generator=gen).to(args.device)
+    b = torch.randn(args.size, args.size, generator=gen).to(args.device)
     torch.mm(a, b)  # warm-up
+    _synchronize(args.device)
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         torch.mm(a, b)
+        _synchronize(args.device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     return {"size": args.size, "repeats": args.repeats, "seconds": seconds, "all_times": times,
-            "gflops": 2 * args.size ** 3 / seconds / 1e9, **_environment(args.threads)}
+            "gflops": 2 * args.size ** 3 / seconds / 1e9, **_environment(args.threads, args.device)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +277,7 @@ def cmd_profile(args) -> None:
     options = json.loads(args.options)
     sampler = WorkloadTasks(args.workload)
     estimator = make_estimator(args.solver, options, args.workload, args.inner_steps, args.warmup,
-                               _task_threads(args.task_threads)).meta_fit(sampler)
+                               _task_threads(args.task_threads), args.device).meta_fit(sampler)
     estimator.set_params(warm_start=True, meta_steps=1)
     # The tasks run on worker threads (task_threads), which the profiler records only with
     # profile_all_threads; without that option, profile with one task thread instead.
@@ -262,13 +287,16 @@ def cmd_profile(args) -> None:
     except (AttributeError, TypeError):
         estimator.set_params(task_threads=1)
         kwargs, note = {}, "task_threads=1 (this torch cannot profile worker threads)"
-    with profile(activities=[ProfilerActivity.CPU], **kwargs) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if "cuda" in args.device else [])
+    with profile(activities=activities, **kwargs) as prof:
         estimator.meta_fit(sampler)
     step = _step_times(estimator.history_)[-1]
     print(f"# fewshot {args.solver} {options or ''} {args.workload} inner_steps={args.inner_steps}, "
           f"threads={args.threads}, task_threads={_resolved_task_threads(estimator.task_threads)}, "
+          f"device={args.device}, "
           f"profiled: {note}; this meta-step took {step:.3f} s under the profiler")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    key = "self_device_time_total" if "cuda" in args.device else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,8 +304,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, solver=True):
+    def common(p, solver=True, device=True):
         p.add_argument("--threads", type=int, default=configs.DEFAULT_THREADS)
+        if device:
+            p.add_argument("--device", default="cpu", help="torch device of the estimator (default cpu)")
         if solver:
             p.add_argument("--solver", required=True, choices=sorted(fewshot.SOLVERS))
             p.add_argument("--options", default="{}", help="estimator parameters as a JSON object")
@@ -296,7 +326,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
     p = sub.add_parser("check-flops", help="FlopCounterMode under torch.func vs by hand and plain autograd")
-    common(p, solver=False)
+    common(p, solver=False, device=False)
     p.add_argument("--inner-steps", type=int, default=1)
     p = sub.add_parser("profile", help="torch.profiler key averages of one meta-step")
     common(p)

@@ -130,7 +130,8 @@ def run_fewshot(python, solver, inner_steps, workload, args, *, steps, warmup, f
     estimator, options, _ = SOLVERS[solver]
     command = [python, STEP_SCRIPT, "time", "--solver", estimator, "--options", json.dumps(options),
                "--workload", workload, "--inner-steps", inner_steps, "--threads", args.threads,
-               "--steps", steps, "--warmup", warmup, "--task-threads", args.task_threads]
+               "--steps", steps, "--warmup", warmup, "--task-threads", args.task_threads,
+               "--device", args.device]
     if flops:
         command.append("--flops")
     config = {"library": "fewshot", "solver": solver, "estimator": estimator, "inner_steps": inner_steps,
@@ -186,6 +187,7 @@ class Summary:
     flops: int | None
     solve_iters: float | None
     n_times: int
+    device_mb: float | None = None  # peak memory allocated on a CUDA device
 
 
 def summarize(results) -> dict:
@@ -199,6 +201,7 @@ def summarize(results) -> dict:
         times = [t for r in runs for t in r["all_times"]]
         flops = next((r["flops"] for r in runs if "flops" in r), None)
         iters = [r["mean_solve_iters"] for r in runs if "mean_solve_iters" in r]
+        device_mb = [r["peak_device_mb"] for r in runs if "peak_device_mb" in r]
         out[key] = Summary(
             median=statistics.median(times),
             round_medians={r["round"]: r["seconds_per_step"] for r in runs},
@@ -207,6 +210,7 @@ def summarize(results) -> dict:
             flops=flops,
             solve_iters=statistics.mean(iters) if iters else None,
             n_times=len(times),
+            device_mb=max(device_mb) if device_mb else None,
         )
     return out
 
@@ -273,6 +277,8 @@ def main_rows(summary, workloads, inner_steps, solvers, libraries, matmul_gflops
                 notes = []
                 if family != solver.lower():
                     notes.append(f"vs peers' {family}")
+                if ours.device_mb is not None:
+                    notes.append(f"peak device memory {ours.device_mb:.0f} MB")
                 if ours.solve_iters is not None and SOLVERS[solver][0] == "IMAML":
                     notes.append(f"CG iterations {ours.solve_iters:.1f} of {SOLVERS[solver][1]['cg_steps']} "
                                  f"(TorchOpt: {configs.IMAML['cg_iters']})")
@@ -482,12 +488,13 @@ def render(report, markdown: bool) -> str:
         f"interpreter: {_interpreter(report['python'])}",
         f"load average (1, 5, 15 min): start {_load(report['load_start'])}, end {_load(report['load_end'])}",
         (f"settings: --threads {s['threads']} (fewshot: task_threads={s['task_threads']}), {s['warmup']} warm-up + "
-         f"{s['steps']} timed meta-steps per run, {s['rounds']} round(s), float32, CPU"),
+         f"{s['steps']} timed meta-steps per run, {s['rounds']} round(s), float32, "
+         f"{_device_label(report)}"),
     ]
     if report.get("matmul", {}).get("status") == "ok":
         mm = report["matmul"]
         setup.append(f"machine float32 matmul rate: {mm['gflops']:.1f} GFLOP/s ({mm['size']}x{mm['size']}, "
-                     f"median of {mm['repeats']}, {mm['threads']} threads)")
+                     f"median of {mm['repeats']}, {mm['threads']} threads, {_device_label(report)})")
     out += [("- " if markdown else "") + line for line in setup] + [""]
 
     if report["main_rows"]:
@@ -523,6 +530,15 @@ def render(report, markdown: bool) -> str:
             f"{r.get('library', '')} {r.get('solver', r.get('kind'))} {r.get('workload', '')} "
             f"k={r.get('inner_steps', '')} ({r['status']})" for r in failed), ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _device_label(report) -> str:
+    """Where fewshot's runs ran: ``CPU``, or the device and its name (``cuda (NVIDIA H100 ...)``)."""
+    device = report["settings"].get("device", "cpu")
+    if device == "cpu":
+        return "CPU"
+    name = next((r["device_name"] for r in report["results"] if "device_name" in r), "?")
+    return f"{device} ({name})"
 
 
 def _interpreter(path) -> str:
@@ -719,6 +735,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=configs.DEFAULT_WARMUP, help="untimed meta-steps first")
     parser.add_argument("--rounds", type=int, default=2, help="times the whole interleaved sequence runs")
     parser.add_argument("--no-peers", action="store_true", help="time fewshot only")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of fewshot's runs, e.g. cuda (default cpu; the peers run on "
+                             "the CPU only, so another device needs --no-peers)")
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting and the matmul rate")
     parser.add_argument("--memory-sweep", action="store_true",
                         help="also peak memory of MAML, MAML-me and IMAML at --sweep-inner-steps (omniglot)")
@@ -759,6 +778,10 @@ def main(argv=None) -> int:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if any(k < 1 for k in inner_steps + args.sweep_inner_steps):
         parser.error(f"inner steps must all be >= 1, got {inner_steps} and {args.sweep_inner_steps}")
+    if args.device != "cpu" and (libraries or args.write_docs):
+        parser.error(f"--device {args.device}: the peers' harness runs on the CPU only, and "
+                     f"{DOCS.relative_to(REPO)} holds the CPU comparison; pass --no-peers and no "
+                     "--write-docs")
 
     peer_python = run_peers.venv_python()
     if libraries:
@@ -782,7 +805,8 @@ def main(argv=None) -> int:
         estimator, options, _ = SOLVERS[args.profile]
         command = [python, STEP_SCRIPT, "profile", "--solver", estimator, "--options", json.dumps(options),
                    "--workload", workloads[0], "--inner-steps", inner_steps[0], "--threads", args.threads,
-                   "--warmup", max(args.warmup, 1), "--task-threads", args.task_threads]
+                   "--warmup", max(args.warmup, 1), "--task-threads", args.task_threads,
+                   "--device", args.device]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         return subprocess.run([str(c) for c in command], check=False, env=env).returncode
 
@@ -799,7 +823,8 @@ def main(argv=None) -> int:
         "date": stamp.isoformat(timespec="seconds"),
         "command": shlex.join(["python", "benchmarks/bench_solvers.py", *(sys.argv[1:] if argv is None else argv)]),
         "python": str(python), "quick": args.quick, "machine": machine_description(),
-        "settings": {"threads": args.threads, "task_threads": args.task_threads, "steps": args.steps,
+        "settings": {"device": args.device,
+                     "threads": args.threads, "task_threads": args.task_threads, "steps": args.steps,
                      "warmup": args.warmup, "rounds": args.rounds, "solvers": solvers, "workloads": workloads,
                      "inner_steps": inner_steps, "libraries": libraries,
                      "solver_options": {s: SOLVERS[s][1] for s in solvers}, "peer_imaml": configs.IMAML},
@@ -819,7 +844,8 @@ def main(argv=None) -> int:
 
     threads_args = ["--threads", args.threads]
     if not args.no_flops:
-        matmul = _subprocess_json([python, STEP_SCRIPT, "matmul", "--size", args.matmul_size, *threads_args],
+        matmul = _subprocess_json([python, STEP_SCRIPT, "matmul", "--size", args.matmul_size, *threads_args,
+                                   "--device", args.device],
                                   {"kind": "matmul"}, args.threads, args.timeout)
         report["matmul"] = matmul
         record(matmul, f"matmul {args.matmul_size}x{args.matmul_size}")
