@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one run of at most 9 minutes, on a machine whose python3 has
+# The checks that need a CUDA GPU, in one run of under 10 minutes, on a machine whose python3 has
 # torch, pytest and hypothesis and that may have no network (nothing is downloaded):
 #
 #     bash benchmarks/device_check.sh [OUT]        # OUT: where logs and results go (default device-check)
