@@ -9,7 +9,9 @@
 # 2. The solver benchmark, fewshot only (the peers run on the CPU only): MAML, FOMAML, Reptile and
 #    IMAML on the Omniglot workload at 1 and 5 inner steps on the GPU, then the same on the
 #    machine's CPU cores, each a table (bench_solvers.py --device; results JSON in OUT).
-# 3. The default test suite, where device="auto" means the GPU, in the time left (TEST_SECONDS).
+# 3. The default test suite, where device="auto" means the GPU, in the time left (TEST_SECONDS),
+#    listing every failure: a test written for the CPU (a reference tensor made there, a repr
+#    that names it) fails there as a library bug would, and each needs a look.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-device-check}
@@ -50,7 +52,7 @@ step "the default test suite on cuda (device='auto')"
 workers=$(( threads > 8 ? 8 : threads ))
 xdist=()
 "$python" -c "import xdist" 2> /dev/null && xdist=(-n "$workers")
-timeout "${TEST_SECONDS:-150}" "$python" -m pytest tests -q -x -p no:cacheprovider "${xdist[@]}" \
+timeout "${TEST_SECONDS:-150}" "$python" -m pytest tests -q -rf --maxfail=50 -p no:cacheprovider "${xdist[@]}" \
     2>&1 | tee "$out/tests.log" || status=1
 
 echo

@@ -557,10 +557,11 @@ def test_score_validation_matches_evaluate(ctx):
 
 
 def test_adapted_model_repr(ctx):
+    device = ctx.adapted.device  # device="auto": the CPU, or CUDA where there is one
     assert repr(ctx.adapted) == ("AdaptedModel(task_type='classification', n_way=3, input_shape=(4,), "
-                                 "support=6 examples, transductive=True, device=cpu, dtype=float32)")
+                                 f"support=6 examples, transductive=True, device={device}, dtype=float32)")
     assert repr(ctx.adapted_reg) == ("AdaptedModel(task_type='regression', n_outputs=1, input_shape=(1,), "
-                                     "support=4 examples, transductive=True, device=cpu, dtype=float32)")
+                                     f"support=4 examples, transductive=True, device={device}, dtype=float32)")
 
 
 def test_missing_pillow_says_what_to_install(monkeypatch):
